@@ -1,0 +1,106 @@
+"""The cache behind :func:`tether.cached`: reentrant, thread-local, and invalidated on writes.
+
+Each thread that enters :func:`cached` gets its own dictionary from parametrization lists to
+their computed tensors, so one thread never reads a value another thread computed. Writes
+(assigning ``module.weight = X`` or loading a ``state_dict``) drop the stale entry from every
+live cache, so a reader inside ``cached()`` never sees a value older than the last write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+__all__ = ["active_threads", "cached", "invalidate", "lookup"]
+
+#: Number of threads currently inside ``cached()``; the property getter reads only this
+#: module-level integer when no thread caches, so the uncached path stays cheap.
+active_threads = 0
+
+_lock = threading.Lock()
+_live: dict[int, dict[nn.Module, Tensor]] = {}
+# Bumped by every invalidation: a value computed while a write happened is not stored, so a
+# reader never keeps a value computed from half-old data.
+_writes = 0
+
+
+class _ThreadState(threading.local):
+    depth = 0
+    values: dict[nn.Module, Tensor] | None = None
+
+
+_state = _ThreadState()
+
+
+@contextlib.contextmanager
+def cached() -> Iterator[None]:
+    """Compute each parametrized tensor at most once inside the block.
+
+    Reading ``module.weight`` twice inside ``cached()`` evaluates the parametrization once and
+    returns the same tensor the second time, which saves work when a weight is used several
+    times in a forward pass (an RNN cell applied at every step). The cache is dropped when the
+    outermost block exits.
+
+    Beyond ``torch.nn.utils.parametrize.cached``: blocks nest (the cache lives until the
+    outermost one exits), each thread has its own cache, it also works as a decorator, and
+    assigning ``module.weight = X`` or calling ``load_state_dict`` inside the block drops the
+    stale value.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.register_parametrization(torch.nn.Linear(3, 3), "weight", torch.tril)
+        >>> with tether.cached():
+        ...     layer.weight is layer.weight
+        True
+        >>> @tether.cached()
+        ... def twice(x):
+        ...     return layer(layer(x))
+        >>> twice(torch.ones(1, 3)).shape
+        torch.Size([1, 3])
+    """
+    global active_threads
+    state = _state
+    if state.depth == 0:
+        values: dict[nn.Module, Tensor] = {}
+        with _lock:
+            _live[threading.get_ident()] = values
+            active_threads += 1
+        state.values = values
+    state.depth += 1
+    try:
+        yield
+    finally:
+        state.depth -= 1
+        if state.depth == 0:
+            with _lock:
+                _live.pop(threading.get_ident(), None)
+                active_threads -= 1
+            state.values = None
+
+
+def lookup(plist: nn.Module) -> Tensor:
+    """Return the cached value of ``plist`` for this thread, computing it on a miss."""
+    values = _state.values
+    if values is None:  # another thread is caching, this one is not
+        return plist()  # type: ignore[no-any-return]  # nn.Module.__call__ is untyped
+    tensor = values.get(plist)
+    if tensor is None:
+        writes = _writes
+        tensor = plist()
+        with _lock:
+            if writes == _writes:
+                values[plist] = tensor
+    return tensor
+
+
+def invalidate(plist: nn.Module) -> None:
+    """Drop ``plist`` from every thread's cache (its value changed)."""
+    global _writes
+    if active_threads:
+        with _lock:
+            _writes += 1
+            for values in _live.values():
+                values.pop(plist, None)

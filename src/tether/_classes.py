@@ -1,0 +1,194 @@
+"""The ``Parametrized<Base>`` classes: one shared class per (base class, parametrized names).
+
+A parametrized module keeps its own class as a base and gains a property per parametrized
+tensor, like in ``torch.nn.utils.parametrize``. Unlike there, the class is shared by every
+module with the same base class and the same parametrized names, so two parametrized
+``Linear`` layers have the same type (ensembles with ``torch.func.stack_module_state`` work),
+registering and removing in a loop creates no new classes, and the class can be rebuilt when
+unpickling, so parametrized models pickle, deepcopy and ``torch.save`` whole.
+
+Note [Shared classes and torch's parametrize]
+    ``torch.nn.utils.parametrize`` edits ``module.__class__`` in place: it adds a property when
+    it registers and deletes it when it removes. On a shared class that would change every
+    module of the class. The metaclass below turns those edits into no-ops that are correct
+    for all modules: every property here dispatches on the instance, serving its
+    parametrization when the instance has one and the plain attribute otherwise. So torch's
+    own ``register_parametrization`` and ``remove_parametrizations`` (and everything built on
+    them, such as ``torch.nn.utils.parametrizations.orthogonal``) still work on modules that
+    tether parametrized.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tether import _cache
+from tether._checks import where
+
+__all__ = ["is_shared_class", "parametrized_class"]
+
+_lock = threading.Lock()
+_classes: weakref.WeakValueDictionary[tuple[type, frozenset[str]], type] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def is_shared_class(cls: type) -> bool:
+    """Whether ``cls`` is one of tether's ``Parametrized<Base>`` classes."""
+    return bool(cls.__dict__.get("_tether_shared", False))
+
+
+def parametrized_class(base: type, names: frozenset[str]) -> type:
+    """Return the shared ``Parametrized<Base>`` class with properties for ``names``."""
+    key = (base, names)
+    cls = _classes.get(key)
+    if cls is None:
+        with _lock:
+            cls = _classes.get(key)
+            if cls is None:
+                cls = _make_class(base, names)
+                _classes[key] = cls
+    return cls
+
+
+def _make_class(base: type, names: frozenset[str]) -> type:
+    namespace: dict[str, Any] = {name: _tensor_property(name) for name in sorted(names)}
+    namespace.update(
+        __module__="tether.parametrize",
+        __qualname__=f"Parametrized{base.__name__}",
+        _tether_shared=True,
+        __reduce_ex__=_reduce_ex,
+        __setattr__=_setattr,
+        _load_from_state_dict=_load_from_state_dict,
+    )
+    meta = _metaclass_for(type(base))
+    return meta(f"Parametrized{base.__name__}", (base,), namespace)  # type: ignore[no-any-return]
+
+
+class _SharedClassMeta(type):
+    """Keeps shared classes valid when code edits them in place (Note [Shared classes...])."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        if is_shared_class(cls) and isinstance(value, property):
+            value = _tensor_property(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(cls, name: str) -> None:
+        if is_shared_class(cls) and isinstance(cls.__dict__.get(name), property):
+            return  # other modules of this class may still use it; it dispatches per instance
+        super().__delattr__(name)
+
+
+@functools.cache
+def _metaclass_for(meta: type) -> type:
+    if meta is type:
+        return _SharedClassMeta
+    return type(f"Shared{meta.__name__}", (_SharedClassMeta, meta), {})
+
+
+def _tensor_property(name: str) -> property:
+    def get_parametrized(self: nn.Module) -> Tensor:
+        try:
+            plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
+        except KeyError:
+            return _plain_get(self, name)
+        if _cache.active_threads:
+            return _cache.lookup(plist)  # type: ignore[arg-type]
+        return plist()  # type: ignore[misc,no-any-return]
+
+    def set_original(self: nn.Module, value: Tensor) -> None:
+        try:
+            plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
+        except KeyError:
+            self.__dict__[name] = value
+            return
+        plist.right_inverse(value)  # type: ignore[union-attr,operator]
+
+    def delete(self: nn.Module) -> None:
+        if name in self.__dict__:
+            del self.__dict__[name]
+            return
+        raise AttributeError(
+            f"Cannot delete {where(self, name)}: it is parametrized. Use "
+            f"tether.remove_parametrizations(module, {name!r}) to remove the parametrization."
+        )
+
+    return property(get_parametrized, set_original, delete, f"The parametrized {name!r}.")
+
+
+def _plain_get(module: nn.Module, name: str) -> Any:
+    """What attribute lookup gives when ``name`` is not parametrized on this instance."""
+    try:
+        return module.__dict__[name]
+    except KeyError:
+        return nn.Module.__getattr__(module, name)
+
+
+def _setattr(self: nn.Module, name: str, value: Any) -> None:
+    # nn.Module.__setattr__ would try to register a Parameter as a new parameter and fail
+    # with "attribute already exists"; set the parametrized value instead, as for any tensor.
+    if isinstance(value, nn.Parameter):
+        plists = self._modules.get("parametrizations")
+        if plists is not None and name in plists._modules:
+            plists._modules[name].right_inverse(value)  # type: ignore[union-attr,operator]
+            return
+    nn.Module.__setattr__(self, name, value)
+
+
+def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
+    """Unpickling entry point: an empty instance of the shared class for ``(base, names)``."""
+    cls = parametrized_class(base, frozenset(names))
+    return cls.__new__(cls)  # type: ignore[no-any-return]
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    names = tuple(self._modules["parametrizations"]._modules)  # type: ignore[union-attr]
+    return (_rebuild, (type(self).__bases__[0], names), self.__getstate__())
+
+
+def _load_from_state_dict(
+    self: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Accept plain checkpoints: a value under ``weight`` goes in through ``right_inverse``."""
+    plists = self._modules["parametrizations"]._modules  # type: ignore[union-attr]
+    for name, plist in plists.items():
+        key = prefix + name
+        block = f"{prefix}parametrizations.{name}."
+        if key not in state_dict or any(k.startswith(block) for k in state_dict):
+            continue
+        value = state_dict.pop(key)
+        try:
+            _load_plain(plist, value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            error_msgs.append(f"While loading {key!r} through right_inverse: {exc}")
+            continue
+        # The originals and the parametrizations' own state are now set; hand them to the
+        # children so that they load (onto themselves) instead of being reported missing.
+        for child_key, tensor in plist.state_dict().items():
+            state_dict[block + child_key] = tensor
+    super(type(self), self)._load_from_state_dict(  # type: ignore[misc]
+        state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    )
+
+
+def _load_plain(plist: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        first = plist.originals()[0]
+        value = value.to(device=first.device)
+        if plist.is_tensor and value.is_floating_point() and first.is_floating_point():
+            value = value.to(dtype=first.dtype)
+    with torch.no_grad():
+        plist.right_inverse(value)

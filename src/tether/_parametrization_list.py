@@ -1,0 +1,220 @@
+"""``ParametrizationList``: the chain of parametrizations on one tensor and its originals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from tether import _cache
+from tether._checks import expect_same_dtype, expect_same_shape, expect_tensor, expect_tensors
+
+__all__ = ["ParametrizationList"]
+
+
+def _set_in_place(dest: Tensor, src: Tensor) -> None:
+    """Give ``dest`` the data of ``src`` while keeping the ``dest`` object (optimizers hold it)."""
+    if torch.__future__.get_swap_module_params_on_conversion() or is_traceable_wrapper_subclass(
+        dest
+    ):
+        if isinstance(dest, nn.Parameter) and not isinstance(src, nn.Parameter):
+            src = nn.Parameter(src, requires_grad=dest.requires_grad)
+        torch.utils.swap_tensors(dest, src)
+    else:
+        dest.set_(src)  # type: ignore[call-overload]  # torch's stubs miss set_(Tensor)
+
+
+def _register(module: nn.Module, name: str, tensor: Tensor) -> None:
+    """Register ``tensor`` as a parameter if it is one, else as a buffer."""
+    if isinstance(tensor, nn.Parameter):
+        module.register_parameter(name, tensor)
+    else:
+        module.register_buffer(name, tensor)
+
+
+class ParametrizationList(nn.ModuleList):
+    """The parametrizations of one tensor, in order, and the original tensor(s) they act on.
+
+    ``module.parametrizations[tensor_name]`` is a ``ParametrizationList`` once ``tensor_name``
+    is parametrized. It holds the unconstrained tensor as ``original`` or, when the first
+    parametrization's ``right_inverse`` returns several tensors, as ``original0``,
+    ``original1``, ... Calling it evaluates the chain; :meth:`right_inverse` runs the chain
+    backwards and stores the result in the originals.
+
+    It is built by :func:`tether.register_parametrization`; users do not instantiate it.
+
+    Args:
+        modules: the parametrizations, first applied first.
+        original: the parameter or buffer being parametrized. With one original it keeps its
+            identity (its data is replaced in place), so an optimizer holding it still trains it.
+        unsafe: allow the chain to change the shape or dtype of the tensor.
+        label: how error messages name the tensor, e.g. ``"Linear.weight"``.
+    """
+
+    original: Tensor
+    unsafe: bool
+    is_tensor: bool
+    ntensors: int
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        original: Tensor,
+        unsafe: bool = False,
+        *,
+        label: str | None = None,
+    ) -> None:
+        if len(modules) == 0:
+            raise ValueError("ParametrizationList requires one or more modules.")
+        super().__init__(modules)
+        self.unsafe = unsafe
+        self.label = label or "the parametrized tensor"
+        self._shape = original.shape
+
+        # Nothing is written until every check has passed, so a failed registration leaves the
+        # original tensor untouched.
+        with torch.no_grad():
+            new: object = original
+            for module in reversed(self):
+                inverse = getattr(module, "right_inverse", None)
+                if inverse is not None:
+                    try:
+                        new = inverse(new)
+                    except NotImplementedError:
+                        pass  # no right inverse: start from the value as it is
+        originals = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
+        self.is_tensor = isinstance(originals, Tensor)
+        originals = (originals,) if isinstance(originals, Tensor) else originals
+        self.ntensors = len(originals)
+        if self.is_tensor:
+            fix = "A right_inverse that returns one tensor must keep the original's dtype."
+            expect_same_dtype(
+                original.dtype,
+                originals[0].dtype,
+                f"right_inverse changed the dtype of {self.label}.",
+                fix,
+            )
+            if originals[0].device != original.device:
+                raise ValueError(
+                    f"right_inverse moved {self.label} to another device.\n"
+                    f"  expected device: {original.device}\n  got device:      "
+                    f"{originals[0].device}\nReturn a tensor on the original's device."
+                )
+        if not unsafe:
+            with torch.no_grad():
+                value = self._evaluate(originals)
+            self._check_value(value, original)
+
+        if self.is_tensor:
+            with torch.no_grad():
+                _set_in_place(original, originals[0])
+            _register(self, "original", original)
+        else:
+            for i, tensor in enumerate(originals):
+                if isinstance(original, nn.Parameter):
+                    tensor = nn.Parameter(tensor, original.requires_grad)
+                tensor.requires_grad_(original.requires_grad)
+                _register(self, f"original{i}", tensor)
+
+    def _check_value(self, value: object, original: Tensor) -> None:
+        fix = "Keep shape and dtype in forward, or register with unsafe=True."
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"The parametrization on {self.label} must return a tensor; "
+                f"got {type(value).__name__}."
+            )
+        expect_same_dtype(
+            original.dtype,
+            value.dtype,
+            f"Registering a parametrization may not change the dtype of {self.label}.",
+            fix,
+        )
+        expect_same_shape(
+            original.shape,
+            value.shape,
+            f"Registering a parametrization may not change the shape of {self.label}.",
+            fix,
+        )
+
+    def originals(self) -> tuple[Tensor, ...]:
+        """The unconstrained tensors, in the order the first parametrization takes them."""
+        if self.is_tensor:
+            return (self.original,)
+        return tuple(getattr(self, f"original{i}") for i in range(self.ntensors))
+
+    def _evaluate(self, originals: tuple[Tensor, ...]) -> Any:
+        modules = iter(self._modules.values())
+        value = next(modules)(*originals)  # type: ignore[misc]  # ModuleList holds no None
+        for module in modules:
+            value = module(value)  # type: ignore[misc]
+        return value
+
+    def forward(self) -> Tensor:
+        """Evaluate the chain on the originals."""
+        if self.is_tensor:
+            value = self[0](self.original)
+            for module in list(self._modules.values())[1:]:
+                value = module(value)  # type: ignore[misc]
+            return value  # type: ignore[no-any-return]
+        return self._evaluate(self.originals())  # type: ignore[no-any-return]
+
+    def right_inverse(self, value: Tensor) -> None:
+        """Set the originals so that the chain evaluates to ``value``.
+
+        Runs each parametrization's ``right_inverse`` from last to first and writes the result
+        into the original tensor(s) in place, keeping their identity. This is what assigning
+        ``module.weight = value`` does.
+
+        Raises:
+            TypeError: ``value`` is not a tensor.
+            ValueError: ``value`` has the wrong shape, or a ``right_inverse`` returned the
+                wrong number, shape or dtype of tensors.
+            RuntimeError: a parametrization in the chain has no ``right_inverse``.
+        """
+        expect_tensor(value, f"The value assigned to {self.label}", "Assign a torch.Tensor.")
+        if not self.unsafe:
+            expect_same_shape(
+                self._shape,
+                value.shape,
+                f"Cannot assign to {self.label}: the value has the wrong shape.",
+                f"Assign a tensor of shape {tuple(self._shape)}.",
+            )
+        with torch.no_grad():
+            new: object = value
+            for module in reversed(self):
+                inverse = getattr(module, "right_inverse", None)
+                if inverse is None:
+                    raise RuntimeError(
+                        f"Cannot assign to {self.label}: parametrization "
+                        f"{type(module).__name__} does not implement right_inverse. Give it a "
+                        "method right_inverse(X) returning Y with forward(Y) == X."
+                    )
+                new = inverse(new)
+            results = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
+            if isinstance(results, Tensor) != self.is_tensor or (
+                not self.is_tensor and len(results) != self.ntensors
+            ):
+                raise ValueError(
+                    f"right_inverse on {self.label} must return "
+                    + ("one tensor" if self.is_tensor else f"{self.ntensors} tensors")
+                    + f", as it did at registration; got {len(results) if isinstance(results, tuple) else 'one tensor'}."
+                )
+            results = (results,) if isinstance(results, Tensor) else results
+            destinations = self.originals()
+            for i, (dest, src) in enumerate(zip(destinations, results, strict=True)):
+                name = "original" if self.is_tensor else f"original{i}"
+                what = f"right_inverse returned a wrong tensor for {self.label} ({name})."
+                fix = "right_inverse must return tensors like those it returned at registration."
+                expect_same_dtype(dest.dtype, src.dtype, what, fix)
+                if not self.unsafe:
+                    expect_same_shape(dest.shape, src.shape, what, fix)
+            for dest, src in zip(destinations, results, strict=True):
+                _set_in_place(dest, src)
+        _cache.invalidate(self)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        _cache.invalidate(self)

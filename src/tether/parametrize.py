@@ -1,0 +1,399 @@
+"""The mechanism: a drop-in, API-compatible superset of ``torch.nn.utils.parametrize``.
+
+``import tether.parametrize as parametrize`` replaces ``torch.nn.utils.parametrize``: the same
+functions, signatures, defaults, attribute layout (``Parametrized<Base>`` classes,
+``module.parametrizations[name].original``) and ``state_dict`` keys, so checkpoints move both
+ways. What tether adds: parametrized models pickle and deepcopy, one class per kind of
+parametrized module, a thread-safe reentrant :func:`cached`, atomic registration, plain
+callables as parametrizations, plain checkpoints loading through ``right_inverse``, and error
+messages that name the module, the tensor and the fix.
+
+Example:
+    >>> import torch
+    >>> import tether.parametrize as parametrize
+    >>> class Symmetric(torch.nn.Module):
+    ...     def forward(self, X):
+    ...         return X.triu() + X.triu(1).mT
+    >>> layer = parametrize.register_parametrization(torch.nn.Linear(3, 3), "weight", Symmetric())
+    >>> torch.equal(layer.weight, layer.weight.T)
+    True
+    >>> type(layer).__name__, list(layer.state_dict())
+    ('ParametrizedLinear', ['bias', 'parametrizations.weight.original'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from tether import _cache
+from tether._cache import cached
+from tether._checks import describe, where
+from tether._classes import is_shared_class, parametrized_class
+from tether._parametrization_list import ParametrizationList, _register, _set_in_place
+
+__all__ = [
+    "FunctionParametrization",
+    "ParametrizationList",
+    "cached",
+    "is_parametrized",
+    "register_parametrization",
+    "remove_parametrizations",
+    "transfer_parametrizations_and_params",
+    "type_before_parametrizations",
+]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class FunctionParametrization(nn.Module):
+    """Wraps a plain callable so that it can be registered as a parametrization.
+
+    :func:`register_parametrization` wraps any callable that is not an ``nn.Module`` in this
+    class. If the callable has a ``right_inverse`` attribute, it is used as the right inverse.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.register_parametrization(torch.nn.Linear(3, 3), "weight", torch.tril)
+        >>> layer.parametrizations.weight[0]
+        FunctionParametrization(fn=<built-in method tril of type object at ...>)
+    """
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.fn(*tensors)
+
+    def right_inverse(self, value: Tensor) -> Any:
+        inverse = getattr(self.fn, "right_inverse", None)
+        if inverse is None:
+            raise NotImplementedError(f"{self.fn!r} has no right_inverse")
+        return inverse(value)
+
+    def extra_repr(self) -> str:
+        return f"fn={self.fn!r}"
+
+
+def _as_module(parametrization: object, label: str) -> nn.Module:
+    if isinstance(parametrization, nn.Module):
+        return parametrization
+    if callable(parametrization):
+        return FunctionParametrization(parametrization)
+    raise TypeError(
+        f"Cannot parametrize {label} with {describe(parametrization)}: a parametrization must "
+        "be an nn.Module or a callable taking the original tensor(s) and returning a tensor."
+    )
+
+
+def _plists(module: nn.Module) -> dict[str, ParametrizationList]:
+    container = module._modules.get("parametrizations")
+    if not isinstance(container, nn.ModuleDict):
+        return {}
+    return container._modules  # type: ignore[return-value]
+
+
+def is_parametrized(module: nn.Module, tensor_name: str | None = None) -> bool:
+    """Whether ``module`` has a parametrization on ``tensor_name`` (on any tensor if ``None``).
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.register_parametrization(torch.nn.Linear(2, 2), "weight", torch.tril)
+        >>> tether.is_parametrized(layer), tether.is_parametrized(layer, "bias")
+        (True, False)
+    """
+    plists = _plists(module)
+    return len(plists) > 0 if tensor_name is None else tensor_name in plists
+
+
+def type_before_parametrizations(module: nn.Module) -> type:
+    """The class ``module`` had before it was parametrized (its class if it is not).
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.register_parametrization(torch.nn.Linear(2, 2), "weight", torch.tril)
+        >>> tether.type_before_parametrizations(layer)
+        <class 'torch.nn.modules.linear.Linear'>
+    """
+    if is_parametrized(module):
+        return type(module).__bases__[0]
+    return type(module)
+
+
+def register_parametrization(
+    module: M,
+    tensor_name: str,
+    parametrization: nn.Module | Callable[..., Tensor],
+    *,
+    unsafe: bool = False,
+) -> M:
+    """Register a parametrization on a parameter or buffer of ``module``.
+
+    Afterwards ``module.<tensor_name>`` returns ``parametrization(original)``, where the
+    unconstrained ``original`` lives at ``module.parametrizations[tensor_name].original``
+    (the same ``Parameter`` object as before, so an optimizer built earlier still trains it).
+    Registering on a tensor that is already parametrized appends to its chain.
+
+    If the parametrization has ``right_inverse(X)``, the original is initialised with it, so
+    that the parametrized tensor starts at the current value; if ``right_inverse`` returns a
+    sequence, the originals are ``original0``, ``original1``, ... and ``forward`` takes them
+    all. Assigning ``module.<tensor_name> = X`` runs the chain's ``right_inverse`` backwards.
+
+    Compatible with :func:`torch.nn.utils.parametrize.register_parametrization`. In addition,
+    ``parametrization`` may be any callable (it is wrapped in
+    :class:`FunctionParametrization`), and a failed registration leaves the module exactly as
+    it was.
+
+    Args:
+        module: the module to parametrize.
+        tensor_name: the name of a parameter, buffer or parametrized tensor of ``module``.
+        parametrization: an ``nn.Module`` or callable with ``forward``, optionally
+            ``right_inverse``.
+        unsafe: allow the parametrization to change the tensor's shape or dtype; the
+            consistency checks are skipped.
+
+    Returns:
+        ``module``, now of class ``Parametrized<Base>``.
+
+    Raises:
+        ValueError: ``tensor_name`` is not a tensor of ``module``, or the parametrization
+            changes its shape or dtype (without ``unsafe``), or its ``right_inverse`` returns
+            something ``forward`` cannot take.
+        TypeError: ``parametrization`` is not callable, or the arguments have the wrong type.
+
+    Example:
+        >>> import torch, tether
+        >>> class Skew(torch.nn.Module):
+        ...     def forward(self, X):
+        ...         A = X.triu(1)
+        ...         return A - A.mT
+        >>> layer = tether.register_parametrization(torch.nn.Linear(3, 3), "weight", Skew())
+        >>> torch.equal(layer.weight, -layer.weight.T)
+        True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"register_parametrization() needs an nn.Module; got {describe(module)}.")
+    if not isinstance(tensor_name, str):
+        raise TypeError(
+            f"register_parametrization() needs the tensor's name as a str; got "
+            f"{describe(tensor_name)}. Example: register_parametrization(layer, 'weight', f)."
+        )
+    label = where(module, tensor_name)
+    parametrization = _as_module(parametrization, label)
+    parametrization.train(module.training)
+    if is_parametrized(module, tensor_name):
+        plist = _plists(module)[tensor_name]
+        if not unsafe:
+            _check_appended(module, tensor_name, parametrization, label)
+        plist.append(parametrization)
+        plist.unsafe |= unsafe
+        _cache.invalidate(plist)
+        _adopt(module)
+        return module
+
+    original = _tensor_of(module, tensor_name, label)
+    plist = ParametrizationList([parametrization], original, unsafe=unsafe, label=label)
+    # Everything that can fail has been checked; from here on we only move objects around.
+    base = type_before_parametrizations(module)
+    names = frozenset(_plists(module)) | {tensor_name}
+    is_parameter = tensor_name in module._parameters
+    del (module._parameters if is_parameter else module._buffers)[tensor_name]
+    module.__class__ = parametrized_class(base, names)
+    if "parametrizations" not in module._modules:
+        module.parametrizations = nn.ModuleDict()
+    module.parametrizations[tensor_name] = plist
+    return module
+
+
+def _tensor_of(module: nn.Module, tensor_name: str, label: str) -> Tensor:
+    """The parameter or buffer ``tensor_name`` of ``module``, or a ValueError saying why not."""
+    tensor = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
+    if isinstance(tensor, Tensor):
+        if not is_parametrized(module) and hasattr(module, "parametrizations"):
+            raise ValueError(
+                f"Cannot parametrize {label}: {type(module).__name__} already has an attribute "
+                "named 'parametrizations', where parametrizations are stored. Rename it."
+            )
+        return tensor
+    if tensor_name in module._parameters or tensor_name in module._buffers:
+        raise ValueError(
+            f"Cannot parametrize {label}: it is None (for a bias, the layer was built with "
+            "bias=False). Parametrize a tensor that exists."
+        )
+    tensors = [n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
+    known = ", ".join(repr(n) for n in [*tensors, *_plists(module)]) or "none"
+    if hasattr(module, tensor_name):
+        what = describe(getattr(module, tensor_name))
+        problem = f"it is {what}, not a parameter or buffer registered on the module"
+    else:
+        problem = "there is no parameter, buffer or parametrized tensor of that name"
+    raise ValueError(
+        f"Cannot parametrize {label}: {problem}. Tensors that can be parametrized: {known}."
+    )
+
+
+def _check_appended(
+    module: nn.Module, tensor_name: str, parametrization: nn.Module, label: str
+) -> None:
+    """Check that a parametrization appended to a chain maps the tensor's space to itself."""
+    fix = "Keep shape and dtype in forward and right_inverse, or register with unsafe=True."
+    with torch.no_grad():
+        current = getattr(module, tensor_name)
+        value = parametrization(current)
+        _check_like(current, value, f"parametrization({label})", fix)
+        inverse = getattr(parametrization, "right_inverse", None)
+        if inverse is not None:
+            try:
+                restored = inverse(value)
+            except NotImplementedError:
+                return
+            _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
+
+
+def _check_like(reference: Tensor, value: object, what: str, fix: str) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{what} must return a tensor; got {describe(value)}. {fix}")
+    if value.dtype != reference.dtype or value.shape != reference.shape:
+        raise ValueError(
+            f"{what} must keep the shape and dtype of the tensor.\n"
+            f"  expected: shape {tuple(reference.shape)}, dtype {reference.dtype}\n"
+            f"  got:      shape {tuple(value.shape)}, dtype {value.dtype}\n{fix}"
+        )
+
+
+def _adopt(module: nn.Module) -> None:
+    """Move a module parametrized by torch's parametrize onto tether's shared class."""
+    if not is_shared_class(type(module)):
+        module.__class__ = parametrized_class(
+            type_before_parametrizations(module), frozenset(_plists(module))
+        )
+
+
+def remove_parametrizations(
+    module: M, tensor_name: str, leave_parametrized: bool = True
+) -> M:
+    """Remove the parametrizations on ``module.<tensor_name>``, leaving a plain tensor.
+
+    With ``leave_parametrized=True`` the tensor keeps its current (parametrized) value; with
+    ``False`` it goes back to the unconstrained original. When there is one original, it is the
+    very same ``Parameter`` object that comes back (its data replaced in place), so an
+    optimizer built before still trains it. When no parametrized tensor is left, the module gets
+    its original class back.
+
+    Args:
+        module: a parametrized module.
+        tensor_name: the parametrized tensor.
+        leave_parametrized: keep the parametrized value (``True``) or the original.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: ``module.<tensor_name>`` is not parametrized, or ``leave_parametrized=False``
+            with several originals, or the value cannot be stored in the original (its dtype
+            differs, which ``unsafe=True`` allows).
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.register_parametrization(torch.nn.Linear(3, 3), "weight", torch.tril)
+        >>> weight = layer.parametrizations.weight.original
+        >>> layer = tether.remove_parametrizations(layer, "weight")
+        >>> type(layer).__name__, layer.weight is weight, torch.equal(weight, weight.tril())
+        ('Linear', True, True)
+    """
+    label = where(module, tensor_name)
+    plists = _plists(module)
+    if tensor_name not in plists:
+        known = ", ".join(repr(n) for n in plists) or "none"
+        raise ValueError(
+            f"Cannot remove the parametrizations on {label}: it is not parametrized. "
+            f"Parametrized tensors of this module: {known}."
+        )
+    plist = plists[tensor_name]
+    if plist.is_tensor:
+        original = plist.original
+        if leave_parametrized:
+            with torch.no_grad():
+                value = getattr(module, tensor_name)
+            if value.dtype != original.dtype:
+                raise ValueError(
+                    f"Cannot remove the parametrizations on {label} with leave_parametrized=True:"
+                    f" the parametrized value has dtype {value.dtype} but the original "
+                    f"{original.dtype}, so it cannot be stored in the same Parameter. Use "
+                    "leave_parametrized=False, or convert the module first."
+                )
+            with torch.no_grad():
+                _set_in_place(original, value)
+    elif leave_parametrized:
+        value = getattr(module, tensor_name)
+        original = nn.Parameter(value.detach()) if value.requires_grad else value.detach()
+    else:
+        raise ValueError(
+            f"Cannot remove the parametrizations on {label} with leave_parametrized=False: it is "
+            f"parametrized in terms of {plist.ntensors} tensors (original0, ...), so there is no "
+            "single original to leave. Use leave_parametrized=True."
+        )
+
+    _cache.invalidate(plist)
+    base = type_before_parametrizations(module)
+    del module.parametrizations[tensor_name]
+    remaining = frozenset(_plists(module))
+    if remaining:
+        module.__class__ = parametrized_class(base, remaining)
+    else:
+        del module._modules["parametrizations"]
+        module.__class__ = base
+    _register(module, tensor_name, original)
+    return module
+
+
+def transfer_parametrizations_and_params(
+    from_module: nn.Module, to_module: M, tensor_name: str | None = None
+) -> M:
+    """Register the parametrizations of ``from_module`` on ``to_module``, sharing originals.
+
+    Transfers the parametrizations of ``tensor_name`` (of every parametrized tensor if
+    ``None``): the same parametrization objects are registered on ``to_module`` (creating the
+    tensor there if it lacks it), and its originals become the very ``Parameter`` objects of
+    ``from_module``, so both modules train the same weights. Does nothing if ``from_module``
+    is not parametrized. Compatible with
+    :func:`torch.nn.utils.parametrize.transfer_parametrizations_and_params`.
+
+    Returns:
+        ``to_module``.
+
+    Raises:
+        ValueError: ``tensor_name`` is given but not parametrized on ``from_module``.
+
+    Example:
+        >>> import torch, tether
+        >>> a = tether.register_parametrization(torch.nn.Linear(3, 3), "weight", torch.tril)
+        >>> b = tether.transfer_parametrizations_and_params(a, torch.nn.Linear(3, 3))
+        >>> b.parametrizations.weight.original is a.parametrizations.weight.original
+        True
+    """
+    plists = _plists(from_module)
+    if not plists:
+        return to_module
+    if tensor_name is not None and tensor_name not in plists:
+        raise ValueError(
+            f"Cannot transfer {where(from_module, tensor_name)}: it is not parametrized. "
+            f"Parametrized tensors: {', '.join(repr(n) for n in plists)}."
+        )
+    for name in plists if tensor_name is None else [tensor_name]:
+        source = plists[name]
+        if not hasattr(to_module, name):
+            with torch.no_grad():
+                setattr(to_module, name, nn.Parameter(getattr(from_module, name)))
+        for parametrization in source:
+            register_parametrization(to_module, name, parametrization)
+        target = _plists(to_module)[name]
+        names = ["original"] if source.is_tensor else [f"original{i}" for i in range(source.ntensors)]
+        for original_name in names:
+            setattr(target, original_name, getattr(source, original_name))
+        _cache.invalidate(target)
+    return to_module

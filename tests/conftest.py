@@ -1,0 +1,25 @@
+"""Shared test configuration: a seeded RNG per test and hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Each test draws from its own seeded generator, so failures reproduce."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
