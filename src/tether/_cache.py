@@ -84,15 +84,14 @@ def cached() -> Iterator[None]:
 def lookup(plist: nn.Module) -> Tensor:
     """Return the cached value of ``plist`` for this thread, computing it on a miss."""
     values = _state.values
-    if values is None:  # another thread is caching, this one is not
-        return plist()  # type: ignore[no-any-return]  # nn.Module.__call__ is untyped
-    tensor = values.get(plist)
+    tensor: Tensor | None = None if values is None else values.get(plist)
     if tensor is None:
         writes = _writes
         tensor = plist()
-        with _lock:
-            if writes == _writes:
-                values[plist] = tensor
+        if values is not None:  # None: another thread is caching, this one is not
+            with _lock:
+                if writes == _writes:
+                    values[plist] = tensor
     return tensor
 
 

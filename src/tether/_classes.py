@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from tether import _cache
 from tether._checks import where
+from tether._parametrization_list import ParametrizationList, plists_of
 
 __all__ = ["is_shared_class", "parametrized_class"]
 
@@ -68,7 +69,8 @@ def _make_class(base: type, names: frozenset[str]) -> type:
         _load_from_state_dict=_load_from_state_dict,
     )
     meta = _metaclass_for(type(base))
-    return meta(f"Parametrized{base.__name__}", (base,), namespace)  # type: ignore[no-any-return]
+    cls: type = meta(f"Parametrized{base.__name__}", (base,), namespace)
+    return cls
 
 
 class _SharedClassMeta(type):
@@ -93,22 +95,21 @@ def _metaclass_for(meta: type) -> type:
 
 
 def _tensor_property(name: str) -> property:
-    def get_parametrized(self: nn.Module) -> Tensor:
+    def get_parametrized(self: nn.Module) -> Any:
         try:
-            plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
+            plist = self.__dict__["_modules"]["parametrizations"]._modules[name]
         except KeyError:
             return _plain_get(self, name)
         if _cache.active_threads:
-            return _cache.lookup(plist)  # type: ignore[arg-type]
-        return plist()  # type: ignore[misc,no-any-return]
+            return _cache.lookup(plist)
+        return plist()
 
     def set_original(self: nn.Module, value: Tensor) -> None:
-        try:
-            plist = self._modules["parametrizations"]._modules[name]  # type: ignore[union-attr]
-        except KeyError:
+        plist = plists_of(self).get(name)
+        if plist is None:
             self.__dict__[name] = value
-            return
-        plist.right_inverse(value)  # type: ignore[union-attr,operator]
+        else:
+            plist.right_inverse(value)
 
     def delete(self: nn.Module) -> None:
         if name in self.__dict__:
@@ -134,9 +135,9 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
     # nn.Module.__setattr__ would try to register a Parameter as a new parameter and fail
     # with "attribute already exists"; set the parametrized value instead, as for any tensor.
     if isinstance(value, nn.Parameter):
-        plists = self._modules.get("parametrizations")
-        if plists is not None and name in plists._modules:
-            plists._modules[name].right_inverse(value)  # type: ignore[union-attr,operator]
+        plist = plists_of(self).get(name)
+        if plist is not None:
+            plist.right_inverse(value)
             return
     nn.Module.__setattr__(self, name, value)
 
@@ -144,12 +145,14 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
 def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
     """Unpickling entry point: an empty instance of the shared class for ``(base, names)``."""
     cls = parametrized_class(base, frozenset(names))
-    return cls.__new__(cls)  # type: ignore[no-any-return]
+    module: nn.Module = object.__new__(cls)
+    return module
 
 
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
-    names = tuple(self._modules["parametrizations"]._modules)  # type: ignore[union-attr]
-    return (_rebuild, (type(self).__bases__[0], names), self.__getstate__())
+    names = tuple(plists_of(self))
+    state = self.__getstate__()  # type: ignore[no-untyped-call]  # untyped in torch
+    return (_rebuild, (type(self).__bases__[0], names), state)
 
 
 def _load_from_state_dict(
@@ -163,8 +166,7 @@ def _load_from_state_dict(
     error_msgs: list[str],
 ) -> None:
     """Accept plain checkpoints: a value under ``weight`` goes in through ``right_inverse``."""
-    plists = self._modules["parametrizations"]._modules  # type: ignore[union-attr]
-    for name, plist in plists.items():
+    for name, plist in plists_of(self).items():
         key = prefix + name
         block = f"{prefix}parametrizations.{name}."
         if key not in state_dict or any(k.startswith(block) for k in state_dict):
@@ -179,12 +181,13 @@ def _load_from_state_dict(
         # children so that they load (onto themselves) instead of being reported missing.
         for child_key, tensor in plist.state_dict().items():
             state_dict[block + child_key] = tensor
-    super(type(self), self)._load_from_state_dict(  # type: ignore[misc]
-        state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    base: Any = type(self).__bases__[0]
+    base._load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     )
 
 
-def _load_plain(plist: Any, value: Any) -> None:
+def _load_plain(plist: ParametrizationList, value: Any) -> None:
     if isinstance(value, Tensor):
         first = plist.originals()[0]
         value = value.to(device=first.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tether import _cache
 from tether._checks import expect_same_dtype, expect_same_shape, expect_tensor, expect_tensors
 
-__all__ = ["ParametrizationList"]
+__all__ = ["ParametrizationList", "plists_of"]
 
 
 def _set_in_place(dest: Tensor, src: Tensor) -> None:
@@ -22,7 +23,7 @@ def _set_in_place(dest: Tensor, src: Tensor) -> None:
     ):
         if isinstance(dest, nn.Parameter) and not isinstance(src, nn.Parameter):
             src = nn.Parameter(src, requires_grad=dest.requires_grad)
-        torch.utils.swap_tensors(dest, src)
+        torch.utils.swap_tensors(dest, src)  # type: ignore[no-untyped-call]  # untyped in torch
     else:
         dest.set_(src)  # type: ignore[call-overload]  # torch's stubs miss set_(Tensor)
 
@@ -81,10 +82,9 @@ class ParametrizationList(nn.ModuleList):
             for module in reversed(self):
                 inverse = getattr(module, "right_inverse", None)
                 if inverse is not None:
-                    try:
+                    # NotImplementedError means "no right inverse": keep the value as it is.
+                    with contextlib.suppress(NotImplementedError):
                         new = inverse(new)
-                    except NotImplementedError:
-                        pass  # no right inverse: start from the value as it is
         originals = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
         self.is_tensor = isinstance(originals, Tensor)
         originals = (originals,) if isinstance(originals, Tensor) else originals
@@ -147,19 +147,15 @@ class ParametrizationList(nn.ModuleList):
 
     def _evaluate(self, originals: tuple[Tensor, ...]) -> Any:
         modules = iter(self._modules.values())
-        value = next(modules)(*originals)  # type: ignore[misc]  # ModuleList holds no None
+        value = next(modules)(*originals)
         for module in modules:
-            value = module(value)  # type: ignore[misc]
+            value = module(value)
         return value
 
     def forward(self) -> Tensor:
         """Evaluate the chain on the originals."""
-        if self.is_tensor:
-            value = self[0](self.original)
-            for module in list(self._modules.values())[1:]:
-                value = module(value)  # type: ignore[misc]
-            return value  # type: ignore[no-any-return]
-        return self._evaluate(self.originals())  # type: ignore[no-any-return]
+        value: Tensor = self._evaluate(self.originals())
+        return value
 
     def right_inverse(self, value: Tensor) -> None:
         """Set the originals so that the chain evaluates to ``value``.
@@ -194,15 +190,12 @@ class ParametrizationList(nn.ModuleList):
                     )
                 new = inverse(new)
             results = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
-            if isinstance(results, Tensor) != self.is_tensor or (
-                not self.is_tensor and len(results) != self.ntensors
-            ):
-                raise ValueError(
-                    f"right_inverse on {self.label} must return "
-                    + ("one tensor" if self.is_tensor else f"{self.ntensors} tensors")
-                    + f", as it did at registration; got {len(results) if isinstance(results, tuple) else 'one tensor'}."
-                )
             results = (results,) if isinstance(results, Tensor) else results
+            if len(results) != self.ntensors:
+                raise ValueError(
+                    f"right_inverse on {self.label} must return {self.ntensors} tensor(s), as it "
+                    f"did at registration; got {len(results)}."
+                )
             destinations = self.originals()
             for i, (dest, src) in enumerate(zip(destinations, results, strict=True)):
                 name = "original" if self.is_tensor else f"original{i}"
@@ -218,3 +211,12 @@ class ParametrizationList(nn.ModuleList):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         _cache.invalidate(self)
+
+
+def plists_of(module: nn.Module) -> dict[str, ParametrizationList]:
+    """The ``ParametrizationList`` of each parametrized tensor of ``module``, by name."""
+    container = module.__dict__["_modules"].get("parametrizations")
+    if not isinstance(container, nn.ModuleDict):
+        return {}
+    plists: dict[str, ParametrizationList] = container.__dict__["_modules"]
+    return plists

@@ -62,19 +62,19 @@ def plain_state_dict(module: nn.Module, *, prefix: str = "") -> dict[str, Any]:
     plain: OrderedDict[str, Any] = OrderedDict()
     done: set[str] = set()
     for key, value in state.items():
-        block = _block_of(key, replacements)
-        if block is None:
+        found = _block_of(key, replacements)
+        if found is None:
             plain[key] = value
-        elif block not in done:
-            done.add(block)
-            plain.update(replacements[block])
+        elif found not in done:
+            done.add(found)
+            plain.update(replacements[found])
     for block, items in replacements.items():
         if block not in done:  # originals that were not saved (non-persistent buffers)
             plain.update(items)
 
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
-        plain._metadata = OrderedDict(  # type: ignore[attr-defined]
+        plain._metadata = OrderedDict(  # type: ignore[attr-defined]  # set ad hoc, as torch does
             (k, v) for k, v in metadata.items() if _block_of(f"{k}.", replacements) is None
         )
     return plain

@@ -33,7 +33,12 @@ from tether import _cache
 from tether._cache import cached
 from tether._checks import describe, where
 from tether._classes import is_shared_class, parametrized_class
-from tether._parametrization_list import ParametrizationList, _register, _set_in_place
+from tether._parametrization_list import (
+    ParametrizationList,
+    _register,
+    _set_in_place,
+    plists_of,
+)
 
 __all__ = [
     "FunctionParametrization",
@@ -90,13 +95,6 @@ def _as_module(parametrization: object, label: str) -> nn.Module:
     )
 
 
-def _plists(module: nn.Module) -> dict[str, ParametrizationList]:
-    container = module._modules.get("parametrizations")
-    if not isinstance(container, nn.ModuleDict):
-        return {}
-    return container._modules  # type: ignore[return-value]
-
-
 def is_parametrized(module: nn.Module, tensor_name: str | None = None) -> bool:
     """Whether ``module`` has a parametrization on ``tensor_name`` (on any tensor if ``None``).
 
@@ -106,7 +104,7 @@ def is_parametrized(module: nn.Module, tensor_name: str | None = None) -> bool:
         >>> tether.is_parametrized(layer), tether.is_parametrized(layer, "bias")
         (True, False)
     """
-    plists = _plists(module)
+    plists = plists_of(module)
     return len(plists) > 0 if tensor_name is None else tensor_name in plists
 
 
@@ -186,7 +184,7 @@ def register_parametrization(
     parametrization = _as_module(parametrization, label)
     parametrization.train(module.training)
     if is_parametrized(module, tensor_name):
-        plist = _plists(module)[tensor_name]
+        plist = plists_of(module)[tensor_name]
         if not unsafe:
             _check_appended(module, tensor_name, parametrization, label)
         plist.append(parametrization)
@@ -199,13 +197,15 @@ def register_parametrization(
     plist = ParametrizationList([parametrization], original, unsafe=unsafe, label=label)
     # Everything that can fail has been checked; from here on we only move objects around.
     base = type_before_parametrizations(module)
-    names = frozenset(_plists(module)) | {tensor_name}
+    names = frozenset(plists_of(module)) | {tensor_name}
     is_parameter = tensor_name in module._parameters
     del (module._parameters if is_parameter else module._buffers)[tensor_name]
     module.__class__ = parametrized_class(base, names)
-    if "parametrizations" not in module._modules:
-        module.parametrizations = nn.ModuleDict()
-    module.parametrizations[tensor_name] = plist
+    container = module._modules.get("parametrizations")
+    if container is None:
+        container = nn.ModuleDict()
+        module.add_module("parametrizations", container)
+    container._modules[tensor_name] = plist
     return module
 
 
@@ -224,8 +224,10 @@ def _tensor_of(module: nn.Module, tensor_name: str, label: str) -> Tensor:
             f"Cannot parametrize {label}: it is None (for a bias, the layer was built with "
             "bias=False). Parametrize a tensor that exists."
         )
-    tensors = [n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None]
-    known = ", ".join(repr(n) for n in [*tensors, *_plists(module)]) or "none"
+    tensors = [
+        n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None
+    ]
+    known = ", ".join(repr(n) for n in [*tensors, *plists_of(module)]) or "none"
     if hasattr(module, tensor_name):
         what = describe(getattr(module, tensor_name))
         problem = f"it is {what}, not a parameter or buffer registered on the module"
@@ -269,13 +271,11 @@ def _adopt(module: nn.Module) -> None:
     """Move a module parametrized by torch's parametrize onto tether's shared class."""
     if not is_shared_class(type(module)):
         module.__class__ = parametrized_class(
-            type_before_parametrizations(module), frozenset(_plists(module))
+            type_before_parametrizations(module), frozenset(plists_of(module))
         )
 
 
-def remove_parametrizations(
-    module: M, tensor_name: str, leave_parametrized: bool = True
-) -> M:
+def remove_parametrizations(module: M, tensor_name: str, leave_parametrized: bool = True) -> M:
     """Remove the parametrizations on ``module.<tensor_name>``, leaving a plain tensor.
 
     With ``leave_parametrized=True`` the tensor keeps its current (parametrized) value; with
@@ -306,7 +306,7 @@ def remove_parametrizations(
         ('Linear', True, True)
     """
     label = where(module, tensor_name)
-    plists = _plists(module)
+    plists = plists_of(module)
     if tensor_name not in plists:
         known = ", ".join(repr(n) for n in plists) or "none"
         raise ValueError(
@@ -340,8 +340,8 @@ def remove_parametrizations(
 
     _cache.invalidate(plist)
     base = type_before_parametrizations(module)
-    del module.parametrizations[tensor_name]
-    remaining = frozenset(_plists(module))
+    del plists_of(module)[tensor_name]
+    remaining = frozenset(plists_of(module))
     if remaining:
         module.__class__ = parametrized_class(base, remaining)
     else:
@@ -376,7 +376,7 @@ def transfer_parametrizations_and_params(
         >>> b.parametrizations.weight.original is a.parametrizations.weight.original
         True
     """
-    plists = _plists(from_module)
+    plists = plists_of(from_module)
     if not plists:
         return to_module
     if tensor_name is not None and tensor_name not in plists:
@@ -391,8 +391,10 @@ def transfer_parametrizations_and_params(
                 setattr(to_module, name, nn.Parameter(getattr(from_module, name)))
         for parametrization in source:
             register_parametrization(to_module, name, parametrization)
-        target = _plists(to_module)[name]
-        names = ["original"] if source.is_tensor else [f"original{i}" for i in range(source.ntensors)]
+        target = plists_of(to_module)[name]
+        names = (
+            ["original"] if source.is_tensor else [f"original{i}" for i in range(source.ntensors)]
+        )
         for original_name in names:
             setattr(target, original_name, getattr(source, original_name))
         _cache.invalidate(target)
