@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+CODE := $(wildcard src tests examples benchmarks)
 
 .PHONY: test demo lint typecheck pytest clean
 
@@ -19,8 +20,8 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 test: $(VENV)/.installed-test lint typecheck pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
