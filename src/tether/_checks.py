@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "bad_shape",
     "describe",
     "expect_same_dtype",
     "expect_same_shape",
@@ -80,3 +81,15 @@ def expect_same_shape(expected: torch.Size, got: torch.Size, what: str, fix: str
         raise ValueError(
             f"{what}\n  expected shape: {tuple(expected)}\n  got shape:      {tuple(got)}\n{fix}"
         )
+
+
+def bad_shape(
+    constraint: str, label: str, shape: Sequence[int], needs: str, hint: str = ""
+) -> ValueError:
+    """The error for a shape a constraint's math rules out.
+
+    Example: ``orthogonal() on Linear.weight needs a matrix or a batch of matrices; got shape
+    (20,). For vectors use tether.sphere.``
+    """
+    message = f"{constraint} on {label} needs {needs}; got shape {tuple(shape)}."
+    return ValueError(f"{message} {hint}" if hint else message)
