@@ -9,7 +9,7 @@ __all__ = ["cayley", "householder", "matrix_exp", "orthonormalize", "polar"]
 
 
 def matrix_exp(A: Tensor) -> Tensor:
-    """The matrix exponential ``exp(A)``; orthogonal (unitary) for skew-symmetric (-Hermitian) ``A``.
+    """The matrix exponential ``exp(A)``: orthogonal (unitary) for skew (skew-Hermitian) ``A``.
 
     Args:
         A: shape ``(*, n, n)``.
