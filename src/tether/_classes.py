@@ -134,12 +134,10 @@ def _plain_get(module: nn.Module, name: str) -> Any:
 def _setattr(self: nn.Module, name: str, value: Any) -> None:
     # nn.Module.__setattr__ would try to register a Parameter as a new parameter and fail
     # with "attribute already exists"; set the parametrized value instead, as for any tensor.
-    if isinstance(value, nn.Parameter):
-        plist = plists_of(self).get(name)
-        if plist is not None:
-            plist.right_inverse(value)
-            return
-    nn.Module.__setattr__(self, name, value)
+    if isinstance(value, nn.Parameter) and name in plists_of(self):
+        value = value.detach()
+    base: Any = type(self).__bases__[0]
+    base.__setattr__(self, name, value)
 
 
 def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
@@ -151,7 +149,10 @@ def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
 
 def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     names = tuple(plists_of(self))
-    state = self.__getstate__()  # type: ignore[no-untyped-call]  # untyped in torch
+    # Without grad, a base class whose __getstate__ reads parametrized tensors (RNNs cache
+    # their weights) stores plain leaves, which pickle and deepcopy accept.
+    with torch.no_grad():
+        state = self.__getstate__()  # type: ignore[no-untyped-call]  # untyped in torch
     return (_rebuild, (type(self).__bases__[0], names), state)
 
 

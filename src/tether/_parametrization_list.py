@@ -73,7 +73,7 @@ class ParametrizationList(nn.ModuleList):
         super().__init__(modules)
         self.unsafe = unsafe
         self.label = label or "the parametrized tensor"
-        self._shape = original.shape
+        self._shape: torch.Size | None = original.shape
 
         # Nothing is written until every check has passed, so a failed registration leaves the
         # original tensor untouched.
@@ -139,6 +139,18 @@ class ParametrizationList(nn.ModuleList):
             fix,
         )
 
+    def _parametrized_shape(self) -> torch.Size:
+        """The shape of the parametrized tensor, recomputed after an original was replaced."""
+        if self._shape is None:
+            with torch.no_grad():
+                self._shape = self().shape
+        return self._shape
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("original"):  # transfer, load_state_dict(assign=True), pruning
+            self.__dict__["_shape"] = None
+        super().__setattr__(name, value)
+
     def originals(self) -> tuple[Tensor, ...]:
         """The unconstrained tensors, in the order the first parametrization takes them."""
         if self.is_tensor:
@@ -172,11 +184,12 @@ class ParametrizationList(nn.ModuleList):
         """
         expect_tensor(value, f"The value assigned to {self.label}", "Assign a torch.Tensor.")
         if not self.unsafe:
+            expected = self._parametrized_shape()
             expect_same_shape(
-                self._shape,
+                expected,
                 value.shape,
                 f"Cannot assign to {self.label}: the value has the wrong shape.",
-                f"Assign a tensor of shape {tuple(self._shape)}.",
+                f"Assign a tensor of shape {tuple(expected)}.",
             )
         with torch.no_grad():
             new: object = value

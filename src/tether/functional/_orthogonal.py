@@ -51,8 +51,10 @@ def householder(X: Tensor) -> Tensor:
 
     The column ``i`` of the strictly lower triangle of ``X`` (with a 1 on the diagonal) is the
     vector ``v_i`` of the reflector ``I - 2 v vᵀ / vᵀv``; the result is the product of the
-    reflectors (first ``k`` columns), with the sign of column ``i`` taken from ``X[i, i]``
-    (torch's convention, so that every orthogonal matrix is reached).
+    reflectors (first ``k`` columns), with the sign of column ``i`` taken from the sign of
+    ``X[i, i]`` (so that every orthogonal matrix is reached). PyTorch truncates ``X[i, i]`` to
+    an integer instead, which zeroes the column when ``|X[i, i]| < 1`` (after weight decay,
+    say); both agree on the ``±1`` diagonals that ``right_inverse`` produces.
 
     Args:
         X: real, shape ``(*, n, k)`` with ``n >= k``.
@@ -60,7 +62,8 @@ def householder(X: Tensor) -> Tensor:
     A = X.tril(-1)
     tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
     Q = torch.linalg.householder_product(A, tau)
-    return Q * X.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2)
+    signs = torch.where(X.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
+    return Q * signs.unsqueeze(-2)
 
 
 def orthonormalize(X: Tensor) -> Tensor:
