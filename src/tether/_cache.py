@@ -87,7 +87,7 @@ def lookup(plist: nn.Module) -> Tensor:
     tensor: Tensor | None = None if values is None else values.get(plist)
     if tensor is None:
         writes = _writes
-        tensor = plist()
+        tensor = plist.forward()
         if values is not None:  # None: another thread is caching, this one is not
             with _lock:
                 if writes == _writes:

@@ -102,7 +102,7 @@ def _tensor_property(name: str) -> property:
             return _plain_get(self, name)
         if _cache.active_threads:
             return _cache.lookup(plist)
-        return plist()
+        return plist.forward()
 
     def set_original(self: nn.Module, value: Tensor) -> None:
         plist = plists_of(self).get(name)

@@ -165,8 +165,22 @@ class ParametrizationList(nn.ModuleList):
         return value
 
     def forward(self) -> Tensor:
-        """Evaluate the chain on the originals."""
-        value: Tensor = self._evaluate(self.originals())
+        """Evaluate the chain on the originals.
+
+        This is the hot path of every read of a parametrized tensor, so it calls each
+        parametrization's ``forward`` directly rather than through ``nn.Module.__call__``:
+        forward hooks registered on parametrization modules do not run here.
+        """
+        modules = iter(self._modules.values())
+        if self.is_tensor:
+            original: Tensor | None = self._parameters.get("original")
+            if original is None:
+                original = self._buffers["original"]
+            value = next(modules).forward(original)
+        else:
+            value = next(modules).forward(*self.originals())
+        for module in modules:
+            value = module.forward(value)
         return value
 
     def right_inverse(self, value: Tensor) -> None:
