@@ -64,7 +64,10 @@ def _make_class(base: type, names: frozenset[str]) -> type:
         __module__="tether.parametrize",
         __qualname__=f"Parametrized{base.__name__}",
         _tether_shared=True,
+        _tether_names=names,
         __reduce_ex__=_reduce_ex,
+        register_parameter=_register_parameter,
+        register_buffer=_register_buffer,
         __setattr__=_setattr,
         _load_from_state_dict=_load_from_state_dict,
     )
@@ -140,6 +143,31 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
     base.__setattr__(self, name, value)
 
 
+def _resync_class(module: nn.Module) -> None:
+    """After torch's ``remove_parametrizations`` dropped a tensor, use the class that fits.
+
+    torch removes a parametrization and then re-registers the plain tensor; when others remain
+    it keeps the module's class, which here is shared and names the removed tensor too.
+    """
+    names = frozenset(plists_of(module))
+    if names and names != type(module).__dict__["_tether_names"]:
+        module.__class__ = parametrized_class(type(module).__bases__[0], names)
+
+
+def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _resync_class(self)
+    base: Any = type(self).__bases__[0]
+    base.register_parameter(self, name, param)
+
+
+def _register_buffer(
+    self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True
+) -> None:
+    _resync_class(self)
+    base: Any = type(self).__bases__[0]
+    base.register_buffer(self, name, tensor, persistent)
+
+
 def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:
     """Unpickling entry point: an empty instance of the shared class for ``(base, names)``."""
     cls = parametrized_class(base, frozenset(names))
@@ -174,7 +202,7 @@ def _load_from_state_dict(
             continue
         value = state_dict.pop(key)
         try:
-            _load_plain(plist, value)
+            _load_plain(plist, value, assign=bool(local_metadata.get("assign_to_params_buffers")))
         except (TypeError, ValueError, RuntimeError) as exc:
             error_msgs.append(f"While loading {key!r} through right_inverse: {exc}")
             continue
@@ -188,9 +216,14 @@ def _load_from_state_dict(
     )
 
 
-def _load_plain(plist: ParametrizationList, value: Any) -> None:
+def _load_plain(plist: ParametrizationList, value: Any, *, assign: bool) -> None:
     if isinstance(value, Tensor):
         first = plist.originals()[0]
+        if assign and first.is_meta:
+            # load_state_dict(assign=True) into a model built on the meta device: give the
+            # originals and the parametrizations' state real storage first.
+            plist.to_empty(device=value.device)
+            first = plist.originals()[0]
         value = value.to(device=first.device)
         if plist.is_tensor and value.is_floating_point() and first.is_floating_point():
             value = value.to(dtype=first.dtype)

@@ -205,17 +205,20 @@ class ParametrizationList(nn.ModuleList):
                 f"Cannot assign to {self.label}: the value has the wrong shape.",
                 f"Assign a tensor of shape {tuple(expected)}.",
             )
+        # Check the whole chain first: a right_inverse may update its parametrization's state,
+        # which must not happen when a later step is bound to fail.
+        inverses = [getattr(module, "right_inverse", None) for module in reversed(self)]
+        for module, inverse in zip(reversed(self), inverses, strict=True):
+            if inverse is None:
+                raise RuntimeError(
+                    f"Cannot assign to {self.label}: parametrization "
+                    f"{type(module).__name__} does not implement right_inverse. Give it a "
+                    "method right_inverse(X) returning Y with forward(Y) == X."
+                )
         with torch.no_grad():
             new: object = value
-            for module in reversed(self):
-                inverse = getattr(module, "right_inverse", None)
-                if inverse is None:
-                    raise RuntimeError(
-                        f"Cannot assign to {self.label}: parametrization "
-                        f"{type(module).__name__} does not implement right_inverse. Give it a "
-                        "method right_inverse(X) returning Y with forward(Y) == X."
-                    )
-                new = inverse(new)
+            for inverse in inverses:
+                new = inverse(new)  # type: ignore[misc]  # checked above
             results = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
             results = (results,) if isinstance(results, Tensor) else results
             if len(results) != self.ntensors:

@@ -46,7 +46,8 @@ def plain_state_dict(module: nn.Module, *, prefix: str = "") -> dict[str, Any]:
     """
     state = module.state_dict(prefix=prefix)
     replacements: dict[str, list[tuple[str, Tensor]]] = {}
-    for name, submodule in module.named_modules(prefix=prefix.rstrip(".")):
+    named = module.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False)
+    for name, submodule in named:
         container = submodule._modules.get("parametrizations")
         if not isinstance(container, nn.ModuleDict):
             continue

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -70,15 +70,14 @@ class FunctionParametrization(nn.Module):
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         super().__init__()
         self.fn = fn
+        inverse = getattr(fn, "right_inverse", None)
+        if inverse is not None:
+            # An instance attribute, so that a callable without one is seen as having no
+            # right inverse (identity at registration, a clear error on assignment).
+            self.right_inverse = inverse
 
     def forward(self, *tensors: Tensor) -> Tensor:
         return self.fn(*tensors)
-
-    def right_inverse(self, value: Tensor) -> Any:
-        inverse = getattr(self.fn, "right_inverse", None)
-        if inverse is None:
-            raise NotImplementedError(f"{self.fn!r} has no right_inverse")
-        return inverse(value)
 
     def extra_repr(self) -> str:
         return f"fn={self.fn!r}"
