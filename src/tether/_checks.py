@@ -39,9 +39,12 @@ def describe(value: object) -> str:
     """Describe a value without printing its contents (tensors can be large)."""
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if value is None:
+        return "None"
     if isinstance(value, Sequence) and not isinstance(value, str):
         return f"a {type(value).__name__} of {len(value)} items"
-    return f"a {type(value).__name__}"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def expect_tensor(value: object, what: str, fix: str) -> Tensor:

@@ -1,0 +1,344 @@
+"""Entrywise constraints (``Positive``, ``Bounded``) and the probability simplex (``Simplex``).
+
+Also the argument and shape checks shared with the vector constraints of ``_sphere.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import operator
+from collections.abc import Callable, Sequence
+from typing import Literal, SupportsIndex, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tether._checks import bad_shape, describe
+from tether.constraints._base import Constraint, default_atol, register_constraint
+from tether.functional._elementwise import Dim, project_simplex, softplus_inverse
+
+__all__ = ["Bounded", "Positive", "Simplex", "bounded", "positive", "simplex"]
+
+M = TypeVar("M", bound=nn.Module)
+Map = Callable[[Tensor], Tensor]
+
+# One (forward, right inverse) pair per option of Positive, chosen once at construction.
+_POSITIVE_MAPS: dict[str, tuple[Map, Map]] = {
+    "softplus": (F.softplus, softplus_inverse),
+    "exp": (torch.exp, torch.log),
+}
+
+
+class Positive(Constraint):
+    """Tensors with positive entries: ``{X : X_i > 0 for every entry i}``, any shape.
+
+    ``map="softplus"`` (``log(1 + eˣ)``) grows linearly, so gradients keep their scale and
+    large values train as fast as small ones: the default. ``map="exp"`` makes steps relative
+    (a step changes ``log X``), which suits scales and rates that span orders of magnitude,
+    but can overflow. The right inverses are ``softplus_inverse`` (stable for large values)
+    and ``log``.
+
+    Zero and negative entries have no nearest positive value: ``right_inverse`` raises them
+    to the floor ``√eps`` of the dtype (3.5e-4 in float32, 1.5e-8 in float64), within the
+    membership tolerance of 0 yet far enough from it that gradients still flow. Sampling
+    applies the map to standard normal entries (log-normal for ``"exp"``).
+
+    Args:
+        map: ``"softplus"`` or ``"exp"``.
+
+    Raises:
+        TypeError: ``map`` is not a string.
+        ValueError: ``map`` is not one of the two.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.positive(torch.nn.Linear(3, 2))
+        >>> bool((layer.weight > 0).all())
+        True
+    """
+
+    def __init__(self, map: Literal["softplus", "exp"] = "softplus") -> None:
+        super().__init__()
+        self.map = choice(map, "map", tuple(_POSITIVE_MAPS), "Positive")
+        self._map, self._inverse = _POSITIVE_MAPS[self.map]
+
+    def forward(self, X: Tensor) -> Tensor:
+        return self._map(X)
+
+    def right_inverse(self, X: Tensor) -> Tensor:
+        return self._inverse(torch.where(X > 0, X, default_atol(X.dtype)))
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check_shape(torch.Size(shape), "the sample")
+        return self._map(torch.randn(shape, dtype=dtype, device=device, generator=generator))
+
+    def distance(self, X: Tensor) -> Tensor:
+        return (-X).clamp_min(0).amax()
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        check_slices("positive()", label, shape, None)
+
+    def extra_repr(self) -> str:
+        return f"map={self.map!r}"
+
+
+class Bounded(Constraint):
+    """Tensors with entries in an interval: ``{X : low <= X_i <= high for every entry i}``.
+
+    The map ``low + (high - low) · sigmoid(X)`` reaches the open interval ``(low, high)``
+    (entries may round onto an end when the original is large); its right inverse is the
+    logit of ``(X - low) / (high - low)``. For one-sided bounds use :class:`Positive` (shifted
+    or scaled by a chain) instead. Entries outside the open interval, the ends included, are
+    clamped to a fraction ``√eps`` of the width inside it (3.5e-4 in float32, 1.5e-8 in
+    float64). Samples are uniform on the interval.
+
+    Args:
+        low: the lower end, a finite number.
+        high: the upper end, a finite number above ``low``.
+
+    Raises:
+        TypeError: ``low`` or ``high`` is not a real number.
+        ValueError: ``low`` or ``high`` is not finite, or ``low >= high``.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.bounded(torch.nn.Linear(3, 2), low=-0.1, high=0.1)
+        >>> bool((layer.weight.abs() < 0.1).all())
+        True
+    """
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        self.low = real_number(low, "low", "Bounded")
+        self.high = real_number(high, "high", "Bounded")
+        if not self.low < self.high:
+            raise ValueError(
+                f"Bounded needs `low` < `high`; got low={self.low!r}, high={self.high!r}. "
+                "Swap them, or widen the interval."
+            )
+
+    def forward(self, X: Tensor) -> Tensor:
+        return self.low + (self.high - self.low) * torch.sigmoid(X)
+
+    def right_inverse(self, X: Tensor) -> Tensor:
+        t = (X - self.low) / (self.high - self.low)
+        margin = default_atol(X.dtype)
+        # Inside (0, 1) we keep t as it is, so members come back exactly; the logit of the
+        # ends is infinite, so they and non-members go to the margin.
+        t = torch.where((t > 0) & (t < 1), t, t.clamp(margin, 1 - margin))
+        return torch.logit(t)
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check_shape(torch.Size(shape), "the sample")
+        U = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+        return self.low + (self.high - self.low) * U
+
+    def distance(self, X: Tensor) -> Tensor:
+        return torch.maximum(self.low - X, X - self.high).clamp_min(0).amax()
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        check_slices("bounded()", label, shape, None)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low!r}, high={self.high!r}"
+
+
+class Simplex(Constraint):
+    """Probability vectors along ``dim``: ``{X : X ≥ 0, Σ_dim X = 1}``, slice by slice.
+
+    The map is ``softmax`` along ``dim``, which reaches the open simplex (all entries
+    positive); its right inverse is ``log``, exact up to softmax's invariance to adding a
+    constant to a slice. Entries that are exactly 0 (or below the dtype's eps) are raised to
+    eps before the log, which changes a member by a few eps and leaves that entry a small but
+    nonzero gradient. Non-members are first sent to their Euclidean projection onto the
+    simplex (:func:`tether.functional.project_simplex`). Samples are uniform on the simplex
+    (Dirichlet(1), as normalized exponentials).
+
+    Use it for mixture weights, attention-like rows or stochastic matrices (``dim=-1``
+    on a ``Linear`` weight makes each row a distribution over the inputs).
+
+    Args:
+        dim: the dimension along which slices sum to 1.
+
+    Raises:
+        TypeError: ``dim`` is not an int.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.simplex(torch.nn.Linear(4, 3), dim=-1)
+        >>> torch.allclose(layer.weight.sum(dim=-1), torch.ones(3))
+        True
+    """
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = int_dim(dim, "Simplex")
+
+    def forward(self, X: Tensor) -> Tensor:
+        return torch.softmax(X, dim=self.dim)
+
+    def right_inverse(self, X: Tensor) -> Tensor:
+        P = project_simplex(X, self.dim)
+        return P.clamp_min(torch.finfo(X.dtype).eps).log()
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        self.check_shape(torch.Size(shape), "the sample")
+        E = torch.empty(shape, dtype=dtype, device=device).exponential_(generator=generator)
+        return E / E.sum(dim=self.dim, keepdim=True)
+
+    def distance(self, X: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(X - project_simplex(X, self.dim), dim=self.dim).amax()
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        scalar_hint = "A probability vector has at least one dimension."
+        check_slices(f"simplex(dim={self.dim})", label, shape, self.dim, scalar_hint)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def positive(module: M, name: str = "weight", *, map: Literal["softplus", "exp"] = "softplus") -> M:
+    """Constrain ``module.<name>`` to positive entries (see :class:`Positive`).
+
+    Example:
+        >>> import torch, tether
+        >>> norm = tether.positive(torch.nn.LayerNorm(4), map="exp")
+        >>> bool((norm.weight > 0).all())
+        True
+    """
+    return register_constraint(module, name, Positive(map))
+
+
+def bounded(module: M, name: str = "weight", *, low: float, high: float) -> M:
+    """Constrain the entries of ``module.<name>`` to ``[low, high]`` (see :class:`Bounded`)."""
+    return register_constraint(module, name, Bounded(low, high))
+
+
+def simplex(module: M, name: str = "weight", dim: int = -1) -> M:
+    """Make each slice of ``module.<name>`` along ``dim`` sum to 1, entries >= 0 (:class:`Simplex`).
+
+    Example:
+        >>> import torch, tether
+        >>> mix = tether.simplex(torch.nn.Linear(3, 1, bias=False))
+        >>> torch.allclose(mix.weight.sum(), torch.tensor(1.0))
+        True
+    """
+    return register_constraint(module, name, Simplex(dim))
+
+
+# Argument and shape checks, shared with _sphere.py.
+
+
+def _got(value: object) -> str:
+    """A short description of a wrong argument: its value if it is a small scalar."""
+    if isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40:
+        return f"{value!r} ({describe(value)})"
+    return describe(value)
+
+
+def real_number(value: object, argument: str, owner: str) -> float:
+    """``value`` as a float if it is a finite real number, else a TypeError or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: `{argument}` must be a real number; got {_got(value)}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: `{argument}` must be finite; got {value!r}.")
+    return float(value)
+
+
+def positive_number(value: object, argument: str, owner: str) -> float:
+    """``value`` as a float if it is a finite number above 0."""
+    number = real_number(value, argument, owner)
+    if not number > 0:
+        raise ValueError(f"{owner}: `{argument}` must be positive; got {value!r}.")
+    return number
+
+
+def choice(value: object, argument: str, allowed: tuple[str, ...], owner: str) -> str:
+    """``value`` if it is one of the ``allowed`` strings."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{owner}: `{argument}` must be one of {', '.join(map(repr, allowed))}; "
+            f"got {_got(value)}."
+        )
+    if value not in allowed:
+        raise ValueError(
+            f"{owner}: `{argument}` must be one of {', '.join(map(repr, allowed))}; got {value!r}."
+        )
+    return value
+
+
+def int_dim(value: object, owner: str) -> int:
+    """``value`` as an int if it is one (not a bool), or an integer type such as numpy's."""
+    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
+        with contextlib.suppress(TypeError):  # a float tensor has __index__, and raises
+            return operator.index(value)
+    raise TypeError(f"{owner}: `dim` must be an int; got {_got(value)}.")
+
+
+def dims(value: object, owner: str) -> Dim:
+    """``value`` as ``None``, an int or a tuple of distinct ints (lists are accepted)."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) > 0:
+        result = tuple(int_dim(d, owner) for d in value)
+        if len(set(result)) < len(result):
+            raise ValueError(f"{owner}: `dim` has a repeated dimension; got {value!r}.")
+        return result
+    try:
+        return int_dim(value, owner)
+    except TypeError:
+        raise TypeError(
+            f"{owner}: `dim` must be None (the whole tensor), an int or a non-empty tuple of "
+            f"ints; got {_got(value)}."
+        ) from None
+
+
+def check_slices(
+    constraint: str,
+    label: str,
+    shape: Sequence[int],
+    dim: Dim,
+    scalar_hint: str = "A scalar has no dimensions; use dim=None for the whole tensor.",
+) -> None:
+    """Raise ``bad_shape`` unless ``shape`` is non-empty and has every dimension in ``dim``."""
+    if math.prod(shape) == 0:
+        raise bad_shape(constraint, label, shape, "a non-empty tensor")
+    if dim is None:
+        return
+    ndim = len(shape)
+    wanted = (dim,) if isinstance(dim, int) else dim
+    if not all(-ndim <= d < ndim for d in wanted):
+        needs = f"a tensor with dim={dim!r}"
+        if ndim == 0:
+            hint = scalar_hint
+        else:
+            hint = f"Valid dims for {ndim} dimensions: {-ndim} to {ndim - 1}."
+        raise bad_shape(constraint, label, shape, needs, hint)
+    if len({d % ndim for d in wanted}) < len(wanted):
+        raise bad_shape(
+            constraint, label, shape, f"distinct dims, not {dim!r}", "Two name the same dimension."
+        )

@@ -1,0 +1,504 @@
+"""Square and rectangular matrix groups and their relatives: GL+(n), SL(n), almost-orthogonal
+matrices and stable (Hurwitz) matrices."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from tether._checks import bad_shape, describe
+from tether.constraints._base import Constraint, default_atol, register_constraint
+from tether.constraints._low_rank import _Factored, has_numerical_rank
+from tether.functional import (
+    dissipative,
+    dissipative_inverse,
+    factored,
+    log_cholesky,
+    log_cholesky_inverse,
+    orthonormalize,
+    positive_triangular,
+    positive_triangular_inverse,
+    solve_lyapunov,
+    special_orthonormalize,
+)
+
+__all__ = [
+    "AlmostOrthogonal",
+    "Hurwitz",
+    "Invertible",
+    "SpecialLinear",
+    "almost_orthogonal",
+    "hurwitz",
+    "invertible",
+    "special_linear",
+]
+
+M = TypeVar("M", bound=nn.Module)
+
+# Note [GL+(n) by QR]
+#     Every X with det X > 0 is Q R in exactly one way with Q in SO(n) and R upper triangular
+#     with a positive diagonal (QR with the signs fixed: det Q = det X / det R > 0). Invertible
+#     stores two originals, original0 (B, shape (*, n, n)) and original1 (C, shape (*, n, n),
+#     upper triangle read), and returns special_orthonormalize(B) @ positive_triangular(C):
+#     onto GL+(n), det = exp(trace C), and right_inverse(X) = (Q, log-diagonal R) is exact.
+#     SpecialLinear centres the diagonal of C first, so det = 1. GL+(n) is open: a matrix with
+#     det X < 0 has no nearest member. right_inverse reflects it across the singular matrices
+#     along its smallest singular direction, X - 2 σₙ uₙ vₙᵀ, which keeps every singular value
+#     (so a well-conditioned initialisation stays one), flips the sign of det and lies 2 σₙ
+#     away (twice the distance to the set). A singular X has no such reflection: ValueError.
+
+
+def _worst(distances: Tensor) -> Tensor:
+    """The largest of per-matrix distances, 0 for an empty batch."""
+    return distances.amax() if distances.numel() else distances.new_zeros(())
+
+
+def _check_square(owner: str, label: str, shape: Sequence[int], hint: str = "") -> None:
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise bad_shape(owner, label, shape, "a square matrix or a batch of square matrices", hint)
+
+
+def _reflect_negative(X: Tensor, sign: Tensor) -> Tensor:
+    """``X - 2 σₙ uₙ vₙᵀ`` where ``sign < 0``, ``X`` elsewhere: see Note [GL+(n) by QR]."""
+    if not bool((sign < 0).any()):
+        return X
+    U, S, Vh = torch.linalg.svd(X)
+    smallest = S[..., -1, None, None] * (U[..., :, -1:] @ Vh[..., -1:, :])
+    return torch.where((sign < 0)[..., None, None], X - 2 * smallest, X)
+
+
+def _centred_triangular(C: Tensor) -> Tensor:
+    """:func:`positive_triangular` with the log-diagonal centred: determinant 1."""
+    diagonal = C.diagonal(dim1=-2, dim2=-1)
+    shift = diagonal - diagonal.mean(dim=-1, keepdim=True)
+    return C.triu(1) + torch.diag_embed(shift.exp())
+
+
+def _centred_triangular_inverse(R: Tensor) -> Tensor:
+    C = positive_triangular_inverse(R)
+    diagonal = C.diagonal(dim1=-2, dim2=-1)
+    return C.triu(1) + torch.diag_embed(diagonal - diagonal.mean(dim=-1, keepdim=True))
+
+
+class Invertible(Constraint):
+    """Invertible matrices with a positive determinant: GL+(n), as ``Q R``.
+
+    The set is ``{X : det X > 0}`` for square weights of shape ``(*, n, n)``, the connected
+    component of the identity among invertible matrices (the other, ``det X < 0``, cannot
+    be reached continuously without crossing a singular matrix). The map is the QR
+    decomposition read backwards: ``X = Q R`` with ``Q`` in SO(n) (the oriented QR of the
+    original ``B``, :func:`tether.functional.special_orthonormalize`) and ``R`` upper
+    triangular with diagonal ``exp(c)`` (:func:`tether.functional.positive_triangular` of the
+    original ``C``); ``log det X = trace C``, cheap for flows and volume penalties. Choose it
+    for weights that must stay invertible (invertible layers, change of basis); choose
+    :class:`SpecialLinear` to fix the volume, :class:`AlmostOrthogonal` to bound the
+    conditioning as well.
+
+    ``right_inverse`` sets any member exactly. A matrix with ``det < 0`` is reflected across
+    the singular matrices along its smallest singular direction, ``X - 2 σₙ uₙ vₙᵀ`` (same
+    singular values, ``det`` negated); there is no nearest member, the set being open. The
+    ``state_dict`` holds ``original0`` (``B``, ``(*, n, n)``) and ``original1`` (``C``,
+    ``(*, n, n)``, upper triangle used); see Note [GL+(n) by QR] in the source. Samples have
+    i.i.d. ``N(0, 1/n)`` entries conditioned on ``det > 0`` (the first row negated where
+    ``det < 0``). :meth:`distance` is the Frobenius distance to the closure: ``σₙ`` where
+    ``det <= 0``, else 0; :meth:`in_manifold` also asks for full numerical rank (``σₙ`` above
+    ``n · eps(dtype) · σ₁``, the threshold of ``torch.linalg.matrix_rank``), so singular
+    matrices are not members.
+
+    Raises:
+        ValueError: at registration or assignment, the tensor is not square, or a matrix is
+            singular (``det X = 0``: it has no reflection).
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.invertible(torch.nn.Linear(4, 4))
+        >>> bool(torch.linalg.det(layer.weight) > 0)
+        True
+    """
+
+    _owner = "invertible()"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._triangular: Callable[[Tensor], Tensor] = positive_triangular
+        self._triangular_inverse: Callable[[Tensor], Tensor] = positive_triangular_inverse
+
+    def forward(self, B: Tensor, C: Tensor) -> Tensor:  # type: ignore[override]  # two originals
+        return special_orthonormalize(B) @ self._triangular(C)
+
+    @torch.no_grad()
+    def right_inverse(self, X: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
+        self.check_shape(X.shape, "the assigned value")
+        sign = torch.linalg.slogdet(X).sign
+        if not bool((sign != 0).all()):
+            raise self._singular()
+        Q, R = torch.linalg.qr(_reflect_negative(X, sign))
+        # Signs fixed so that R has a positive diagonal: then det Q = det X / det R > 0.
+        signs = R.diagonal(dim1=-2, dim2=-1).sign()
+        if not bool((signs != 0).all()):
+            raise self._singular()
+        return Q * signs.unsqueeze(-2), self._triangular_inverse(R * signs.unsqueeze(-1))
+
+    def _singular(self) -> ValueError:
+        return ValueError(
+            f"{self._owner}: the assigned value is singular (determinant 0), so it has no "
+            "nearest invertible matrix. Assign an invertible matrix, e.g. "
+            f"{type(self).__name__}().sample(shape), or add a small multiple of the identity."
+        )
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """I.i.d. ``N(0, 1/n)`` entries, conditioned on ``det > 0`` (first row negated)."""
+        shape = torch.Size(shape)
+        self.check_shape(shape, "the sample")
+        G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        G = G / math.sqrt(shape[-1])
+        sign = torch.where(torch.linalg.det(G) < 0, -1.0, 1.0).to(G.dtype)
+        G[..., 0, :] *= sign.unsqueeze(-1)
+        return G
+
+    def distance(self, X: Tensor) -> Tensor:
+        """The Frobenius distance to GL+(n)'s closure: ``σₙ(X)`` where ``det X <= 0``, else 0."""
+        sign = torch.linalg.slogdet(X).sign
+        smallest = torch.linalg.svdvals(X)[..., -1]
+        return _worst(torch.where(sign > 0, torch.zeros_like(smallest), smallest))
+
+    def in_manifold(self, X: Tensor, atol: float | None = None) -> bool:
+        """``distance(X) <= atol`` and full numerical rank: ``σₙ > n · eps · σ₁``."""
+        return super().in_manifold(X, atol) and has_numerical_rank(X, X.shape[-1])
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        _check_square(self._owner, label, shape)
+
+
+class SpecialLinear(Invertible):
+    """Matrices with determinant 1: SL(n), as ``Q R`` with ``det R = 1``.
+
+    The set is ``{X : det X = 1}`` for square weights of shape ``(*, n, n)``: linear maps
+    that preserve volume and orientation. The map is :class:`Invertible`'s with the log of
+    ``R``'s diagonal centred (``exp(c - mean c)``), so the determinant is 1 by construction,
+    not by a penalty. Choose it for volume-preserving layers (normalising flows with a zero
+    log-determinant, incompressible dynamics); choose :class:`Invertible` when the volume may
+    change, :func:`tether.special_orthogonal` when lengths must be kept as well.
+
+    ``right_inverse`` sets any member exactly and replaces a matrix with ``det X > 0`` by the
+    multiple ``X / det(X)^(1/n)`` (the member on the ray through ``X``, which keeps its
+    condition number; not the Frobenius-nearest member, which has no closed form). A matrix
+    with ``det X < 0`` is first reflected as :class:`Invertible` does. The ``state_dict``
+    layout is :class:`Invertible`'s (the diagonal of ``original1`` is stored centred). Samples
+    are :class:`Invertible`'s scaled to ``det = 1``. :meth:`distance` is ``|log det X|`` where
+    ``det X > 0`` and ``inf`` elsewhere.
+
+    Raises:
+        ValueError: at registration or assignment, the tensor is not square, or a matrix is
+            singular.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.special_linear(torch.nn.Linear(3, 3))
+        >>> round(torch.linalg.det(layer.weight).item(), 4)
+        1.0
+    """
+
+    _owner = "special_linear()"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._triangular = _centred_triangular
+        self._triangular_inverse = _centred_triangular_inverse
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:meth:`Invertible.sample` scaled to determinant 1."""
+        G = super().sample(shape, dtype=dtype, device=device, generator=generator)
+        logdet = torch.linalg.slogdet(G).logabsdet
+        return G * torch.exp(-logdet / G.shape[-1])[..., None, None]
+
+    def distance(self, X: Tensor) -> Tensor:
+        """``|log det X|`` where ``det X > 0``, ``inf`` where ``det X <= 0``."""
+        sign, logabsdet = torch.linalg.slogdet(X)
+        return _worst(torch.where(sign > 0, logabsdet.abs(), torch.full_like(logabsdet, math.inf)))
+
+
+class AlmostOrthogonal(_Factored):
+    """Matrices whose singular values lie in ``[1 - lam, 1 + lam]``: ``U diag(1 + lam sin s) Vᵀ``.
+
+    The set is ``{X : 1 - lam <= σᵢ(X) <= 1 + lam for every i}`` for weights of shape
+    ``(*, n, k)``, tall, wide or square, with ``r = min(n, k)`` singular values; ``lam = 1``
+    allows ``[0, 2]``. ``U`` (``n x r``) and ``V`` (``k x r``) have orthonormal columns
+    (:func:`tether.functional.orthonormalize` of the originals). The condition number is at
+    most ``(1 + lam) / (1 - lam)`` and the norm at most ``1 + lam``: gradients neither
+    explode nor vanish through the layer, with more freedom than :func:`tether.orthogonal`
+    (``lam -> 0``). Use it for recurrent kernels and deep linear stacks. The singular values
+    are ``1 + lam sin(s)``, as in geotorch's default: ``sin`` reaches the ends of the
+    interval, so every member is set exactly (``tanh`` would miss them).
+
+    Registration keeps a member as it is and replaces any other matrix by the nearest member
+    (its SVD with the singular values clamped to the interval). The ``state_dict`` is
+    :class:`LowRank`'s with ``r = min(n, k)``: ``original0`` (``(*, n, r)``), ``original1``
+    (``(*, r)``), ``original2`` (``(*, k, r)``). Samples have Haar-distributed singular
+    vectors and singular values i.i.d. uniform on the interval. :meth:`distance` is the
+    Frobenius distance to the set.
+
+    Args:
+        lam: the radius of the interval, ``0 < lam <= 1``.
+
+    Raises:
+        TypeError: ``lam`` is not a real number.
+        ValueError: ``lam`` is outside ``(0, 1]``; or, at registration, the tensor is not a
+            matrix.
+
+    References:
+        Orthogonal Recurrent Neural Networks and Batch Normalization in Deep Neural Networks.
+        Eugene Vorontsov, Chiheb Trabelsi, Samuel Kadoury, Chris Pal, 2017 (spectral margin
+        parametrization). https://arxiv.org/abs/1702.00071
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.almost_orthogonal(torch.nn.Linear(6, 3), lam=0.25)
+        >>> sigma = torch.linalg.svdvals(layer.weight)
+        >>> bool(((sigma >= 0.75 - 1e-6) & (sigma <= 1.25 + 1e-6)).all())
+        True
+    """
+
+    _owner = "almost_orthogonal()"
+
+    def __init__(self, lam: float = 0.1) -> None:
+        super().__init__()
+        self.lam = _radius(lam, self._owner)
+
+    def _rank(self, shape: Sequence[int]) -> int:
+        return min(shape[-2:])
+
+    def _values(self, s: Tensor) -> Tensor:
+        return 1 + self.lam * torch.sin(s)
+
+    def _originals(self, sigma: Tensor) -> Tensor:
+        return torch.asin(((sigma - 1) / self.lam).clamp(-1, 1))
+
+    def _excess(self, sigma: Tensor) -> Tensor:
+        return ((sigma - 1).abs() - self.lam).clamp_min(0)
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Haar-distributed singular vectors, singular values i.i.d. uniform on the interval."""
+        shape = torch.Size(shape)
+        self.check_shape(shape, "the sample")
+        *batch, n, k = shape
+        r = min(n, k)
+        U = torch.randn(*batch, n, r, dtype=dtype, device=device, generator=generator)
+        V = torch.randn(*batch, k, r, dtype=dtype, device=device, generator=generator)
+        t = torch.rand(*batch, r, dtype=dtype, device=device, generator=generator)
+        return factored(orthonormalize(U), 1 + self.lam * (2 * t - 1), orthonormalize(V))
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"
+
+
+class Hurwitz(Constraint):
+    """Stable matrices: every eigenvalue has a negative real part, as ``(J - R) P``.
+
+    The set is ``{A : Re λ < 0 for every eigenvalue λ of A}`` for square weights of shape
+    ``(*, n, n)``: the matrices for which ``dx/dt = A x`` decays to 0 from any start. The map
+    is the port-Hamiltonian form ``A = (J - R) P`` with ``J`` skew-symmetric, ``R`` and ``P``
+    positive definite: ``V(x) = xᵀ P x`` decreases along every trajectory, so ``A`` is stable,
+    and every stable ``A`` is reached (take ``P⁻¹`` the solution of ``A X + X Aᵀ = -2I``,
+    then ``R = I`` and ``J = (A X - X Aᵀ) / 2``). ``J - R`` is
+    :func:`tether.functional.dissipative` of ``original0`` and ``P`` is
+    :func:`tether.functional.log_cholesky` of ``original1`` (lower triangle used). Choose it
+    for linear state-space layers and learned dynamics that must not blow up; the eigenvalues
+    are free inside the half-plane, unlike a diagonal or normal parametrization.
+
+    ``right_inverse`` sets any member exactly, up to the accuracy of the Lyapunov solve
+    (:func:`tether.functional.solve_lyapunov`, in float64), which degrades as eigenvalues
+    approach the imaginary axis. A non-member raises ``ValueError``: the nearest stable
+    matrix has no closed form (a hard, non-convex problem), so a fresh ``nn.Linear`` weight,
+    rarely stable, must first be replaced by a member, e.g. from :meth:`sample`.
+    :meth:`distance` is the excess spectral abscissa ``max(0, max Re λ)`` (the spectral-norm
+    distance to the closure for normal matrices, an upper bound otherwise). Samples are
+    Ginibre matrices (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa ``-1``.
+
+    Raises:
+        ValueError: at registration or assignment, the tensor is not square, a matrix is not
+            Hurwitz, or it is too close to the imaginary axis to be set accurately.
+
+    References:
+        Port-Hamiltonian systems: an introductory overview. Arjan van der Schaft, Dimitri
+        Jeltsema, 2014. https://doi.org/10.1561/2600000002
+
+    Example:
+        >>> import torch, tether
+        >>> layer = torch.nn.Linear(4, 4)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(tether.constraints.Hurwitz().sample((4, 4)))
+        >>> layer = tether.hurwitz(layer)
+        >>> bool(torch.linalg.eigvals(layer.weight).real.max() < 0)
+        True
+    """
+
+    _owner = "hurwitz()"
+
+    def forward(self, Y: Tensor, Z: Tensor) -> Tensor:  # type: ignore[override]  # two originals
+        return dissipative(Y) @ log_cholesky(Z)
+
+    @torch.no_grad()
+    def right_inverse(self, A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
+        self.check_shape(A.shape, "the assigned value")
+        abscissa = float(self._abscissa(A).max()) if A.numel() else -1.0
+        if not abscissa < 0:
+            raise ValueError(
+                f"{self._owner}: the assigned value is not Hurwitz: an eigenvalue has real part "
+                f"{abscissa:.2e} (members need < 0; membership tolerance "
+                f"{default_atol(A.dtype):.2e}). No nearest stable matrix can be computed; assign "
+                "a member first, e.g. A - (a + 1) I with a the largest real part, or "
+                "tether.constraints.Hurwitz().sample(shape)."
+            )
+        A64 = A.to(torch.float64)
+        n = A.shape[-1]
+        eye = torch.eye(n, dtype=torch.float64, device=A.device)
+        try:
+            X = solve_lyapunov(A64, -2 * eye)  # A X + X Aᵀ = -2I, X positive definite
+        except ValueError:
+            raise self._inaccurate(A, math.inf) from None
+        L, info = torch.linalg.cholesky_ex((X + X.mT) / 2)
+        if bool((info != 0).any()):
+            raise self._inaccurate(A, math.inf)
+        P = torch.cholesky_inverse(L)
+        # (J - R) P = (c J - c I)(P / c) for any c > 0: pick the c giving R and P the same
+        # mean eigenvalue, so that neither factor starts much larger than the other.
+        c = (P.diagonal(dim1=-2, dim2=-1).mean(dim=-1) ** 0.5)[..., None, None]
+        originals = dissipative_inverse(c * (A64 @ X)), log_cholesky_inverse(P / c)
+        error = float((self(*originals) - A64).abs().max())
+        scale = max(float(A64.abs().max()), 1.0)
+        if not error <= default_atol(A.dtype) * scale:
+            raise self._inaccurate(A, error / scale)
+        return originals[0].to(A.dtype), originals[1].to(A.dtype)
+
+    def _inaccurate(self, A: Tensor, error: float) -> ValueError:
+        return ValueError(
+            f"{self._owner}: the assigned value is Hurwitz but too close to the imaginary axis "
+            f"to be set accurately (largest real part of an eigenvalue "
+            f"{float(self._abscissa(A).max()):.2e}, relative reconstruction error {error:.2e}, "
+            f"tolerance {default_atol(A.dtype):.2e}). Shift it left, e.g. A - t I with t > 0."
+        )
+
+    @staticmethod
+    def _abscissa(A: Tensor) -> Tensor:
+        """The spectral abscissa ``max Re λ`` of each matrix."""
+        return torch.linalg.eigvals(A).real.amax(dim=-1)
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A Ginibre matrix (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa -1."""
+        shape = torch.Size(shape)
+        self.check_shape(shape, "the sample")
+        G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        G = G / math.sqrt(shape[-1])
+        if G.numel() == 0:
+            return G
+        shift = (self._abscissa(G) + 1).to(G.dtype)[..., None, None]
+        return G - shift * torch.eye(shape[-1], dtype=G.dtype, device=G.device)
+
+    def distance(self, X: Tensor) -> Tensor:
+        """The excess spectral abscissa ``max(0, max Re λ)`` (the worst over a batch)."""
+        if X.numel() == 0:
+            return X.new_zeros(())
+        return _worst(self._abscissa(X).clamp_min(0).to(X.dtype))
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        _check_square(self._owner, label, shape)
+
+
+def invertible(module: M, name: str = "weight") -> M:
+    """Constrain ``module.<name>`` to invertible matrices with ``det > 0`` (:class:`Invertible`).
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: the tensor is not square (or a batch of square matrices), or singular.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.invertible(torch.nn.Linear(3, 3))
+        >>> bool(torch.linalg.det(layer.weight) > 0)
+        True
+    """
+    return register_constraint(module, name, Invertible())
+
+
+def special_linear(module: M, name: str = "weight") -> M:
+    """Constrain ``module.<name>`` to determinant 1 (:class:`SpecialLinear`).
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: the tensor is not square (or a batch of square matrices), or singular.
+    """
+    return register_constraint(module, name, SpecialLinear())
+
+
+def almost_orthogonal(module: M, name: str = "weight", *, lam: float = 0.1) -> M:
+    """Constrain the singular values of ``module.<name>`` to ``[1 - lam, 1 + lam]``.
+
+    See :class:`AlmostOrthogonal`.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        TypeError: ``lam`` is not a real number.
+        ValueError: ``lam`` is outside ``(0, 1]``, or the tensor is not a matrix.
+    """
+    return register_constraint(module, name, AlmostOrthogonal(lam))
+
+
+def hurwitz(module: M, name: str = "weight") -> M:
+    """Constrain ``module.<name>`` to stable (Hurwitz) matrices (:class:`Hurwitz`).
+
+    The tensor must already be Hurwitz: there is no projection onto the set.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: the tensor is not square (or a batch of square matrices), or not Hurwitz.
+    """
+    return register_constraint(module, name, Hurwitz())
+
+
+def _radius(lam: object, owner: str) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"{owner}: `lam` must be a real number in (0, 1]; got {describe(lam)}.")
+    if not 0 < lam <= 1:
+        raise ValueError(f"{owner}: `lam` must be in (0, 1]; got {lam!r}.")
+    return float(lam)

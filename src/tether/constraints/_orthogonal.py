@@ -1,0 +1,429 @@
+"""Orthogonal and unitary matrices, SO(n), the Grassmannian, and the dynamic trivialization."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from tether._checks import bad_shape, where
+from tether._parametrization_list import plists_of
+from tether.constraints._base import Constraint, register_constraint
+from tether.functional import cayley, householder, matrix_exp, orthonormalize
+
+__all__ = [
+    "Grassmannian",
+    "Orthogonal",
+    "SpecialOrthogonal",
+    "grassmannian",
+    "orthogonal",
+    "special_orthogonal",
+    "update_base",
+]
+
+M = TypeVar("M", bound=nn.Module)
+OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
+_MAPS = ("matrix_exp", "cayley", "householder")
+
+# Note [Trivialization with a base point]
+#     A map from a vector space onto the orthogonal group (the exponential, the Cayley map)
+#     is only well conditioned near the identity. With ``use_trivialization=True`` the
+#     constraint stores an orthogonal ``base`` and returns ``base @ map(A)``: assigning a
+#     weight ``Q`` sets ``base`` to ``Q`` (completed to a square orthogonal matrix for tall
+#     weights) and the original to the neutral point, so any orthogonal ``Q`` is set exactly.
+#     ``tether.update_base`` does the same mid-training, which keeps long runs accurate
+#     ("dynamic trivialization", Lezcano-Casado 2019). The original's neutral point is
+#     ``-I`` rather than ``0`` because the Householder map reads signs from the diagonal, and
+#     the layout (``original``, ``0.base``) is torch's, so checkpoints move both ways.
+
+
+def _tall_generator(X: Tensor) -> Tensor:
+    """The skew matrix of shape ``(*, n, n)`` that a tall ``(*, n, k)`` original encodes."""
+    n, k = X.shape[-2], X.shape[-1]
+    L = X.tril()
+    if n != k:
+        L = torch.cat([L, L.new_zeros(*L.shape[:-1], n - k)], dim=-1)
+    return L - L.mH
+
+
+def _horizontal_generator(X: Tensor) -> Tensor:
+    """Like :func:`_tall_generator`, with the top ``k x k`` block zeroed (Grassmannian)."""
+    n, k = X.shape[-2], X.shape[-1]
+    L = torch.cat([torch.zeros_like(X[..., :k, :]), X[..., k:, :]], dim=-2)
+    L = torch.cat([L, L.new_zeros(*L.shape[:-1], n - k)], dim=-1)
+    return L - L.mH
+
+
+def _square_map(
+    group_map: Callable[[Tensor], Tensor], generator: Callable[[Tensor], Tensor]
+) -> Callable[[Tensor], Tensor]:
+    def tall_map(X: Tensor) -> Tensor:
+        return group_map(generator(X))[..., : X.shape[-1]]
+
+    return tall_map
+
+
+def _neutral(like: Tensor) -> Tensor:
+    """``-I`` of the shape of ``like``: the original that maps to the base point."""
+    neutral = torch.zeros_like(like)
+    neutral.diagonal(dim1=-2, dim2=-1).fill_(-1.0)
+    return neutral
+
+
+def _is_orthonormal(Q: Tensor) -> bool:
+    k = Q.shape[-1]
+    eye = torch.eye(k, dtype=Q.dtype, device=Q.device)
+    return torch.allclose(Q.mH @ Q, eye, atol=10.0 * Q.shape[-2] * torch.finfo(Q.dtype).eps)
+
+
+def _complete(Q: Tensor) -> Tensor:
+    """A square orthogonal matrix whose first columns are (the QR projection of) tall ``Q``."""
+    n, k = Q.shape[-2], Q.shape[-1]
+    if n == k:
+        return Q.clone() if _is_orthonormal(Q) else orthonormalize(Q)
+    extra = torch.randn(*Q.shape[:-2], n, n - k, dtype=Q.dtype, device=Q.device)
+    return orthonormalize(torch.cat([Q, extra], dim=-1))
+
+
+class Orthogonal(Constraint):
+    """Matrices with orthonormal columns (tall), rows (wide), or orthogonal/unitary (square).
+
+    The set is ``{Q : Qᴴ Q = I}`` for a tall ``(*, n, k)`` weight and ``{Q : Q Qᴴ = I}`` for a
+    wide one, real or complex, batched over leading dimensions. The same maps, defaults and
+    ``state_dict`` layout as :func:`torch.nn.utils.parametrizations.orthogonal`:
+
+    - ``"matrix_exp"`` and ``"cayley"`` map a skew-symmetric (skew-Hermitian) matrix built
+      from the original's lower triangle onto the group; they train well. The Cayley map is
+      cheaper but never reaches matrices with eigenvalue -1.
+    - ``"householder"`` multiplies reflectors (real only); cheapest for thin or wide matrices.
+
+    With ``use_trivialization=True`` (the default) the result is ``base @ map(A)`` with an
+    orthogonal ``base`` buffer, so that assignment sets any orthogonal matrix exactly and
+    :func:`tether.update_base` can move the base during training. Registration keeps an
+    orthogonal weight as it is and replaces any other by the ``Q`` of its QR decomposition
+    (as PyTorch does).
+
+    Args:
+        orthogonal_map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"``.
+        use_trivialization: keep a base point (see above). Without it, assignment works only
+            for ``"householder"``.
+
+    References:
+        Trivializations for Gradient-Based Optimization on Manifolds. Mario Lezcano-Casado,
+        2019. https://arxiv.org/abs/1909.09501
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.orthogonal(torch.nn.Linear(5, 3))
+        >>> W = layer.weight                                   # wide: orthonormal rows
+        >>> torch.allclose(W @ W.T, torch.eye(3), atol=1e-6)
+        True
+    """
+
+    base: Tensor | None
+
+    def __init__(
+        self, orthogonal_map: OrthogonalMap = "matrix_exp", *, use_trivialization: bool = True
+    ) -> None:
+        super().__init__()
+        if orthogonal_map not in _MAPS:
+            raise ValueError(
+                f"orthogonal_map must be one of {', '.join(repr(m) for m in _MAPS)}; "
+                f"got {orthogonal_map!r}."
+            )
+        self.orthogonal_map = orthogonal_map
+        self.use_trivialization = use_trivialization
+        self._map = self._choose_map(orthogonal_map)
+        if use_trivialization:
+            self.register_buffer("base", None)
+
+    def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
+        if orthogonal_map == "householder":
+            return householder
+        group_map = matrix_exp if orthogonal_map == "matrix_exp" else cayley
+        return _square_map(group_map, _tall_generator)
+
+    def forward(self, X: Tensor) -> Tensor:
+        transposed = X.shape[-2] < X.shape[-1]
+        if transposed:
+            X = X.mT
+        Q = self._map(X)
+        if self.use_trivialization:
+            if self.base is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no base point yet: register it with "
+                    "tether.register_parametrization (or assign a weight) before using it."
+                )
+            Q = self.base @ Q
+        return Q.mT if transposed else Q
+
+    @torch.no_grad()
+    def right_inverse(self, Q: Tensor) -> Tensor:
+        self.check_shape(Q.shape, "the assigned value")
+        transposed = Q.shape[-2] < Q.shape[-1]
+        tall = Q.mT if transposed else Q
+        if self.use_trivialization:
+            self._set_base(self._base_for(tall))
+            return _neutral(Q)
+        if self.orthogonal_map != "householder":
+            raise NotImplementedError(
+                f"{type(self).__name__}({self.orthogonal_map!r}, use_trivialization=False) has "
+                "no right inverse: use use_trivialization=True (the default) or "
+                "orthogonal_map='householder' to assign weights."
+            )
+        A, tau = torch.geqrf(tall)
+        # diag(R) > 0: keep the reflectors' signs on the diagonal; LAPACK returns tau == 0
+        # exactly when it skips a reflection, which flips the sign convention for that column.
+        A.diagonal(dim1=-2, dim2=-1).sign_()
+        A.diagonal(dim1=-2, dim2=-1)[tau == 0.0] *= -1
+        return A.mT if transposed else A
+
+    def _base_for(self, tall: Tensor) -> Tensor:
+        return _complete(tall)
+
+    def _set_base(self, base: Tensor) -> None:
+        if self.base is not None and self.base.shape == base.shape:
+            self.base.copy_(base)
+        else:
+            self.base = base
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A matrix drawn from the Haar (uniform) measure: QR of a Gaussian, signs fixed."""
+        shape = torch.Size(shape)
+        self.check_shape(shape, "sample()")
+        transposed = shape[-2] < shape[-1]
+        tall_shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else tuple(shape)
+        G = torch.randn(tall_shape, dtype=dtype, device=device, generator=generator)
+        Q = orthonormalize(G)
+        return Q.mT if transposed else Q
+
+    def distance(self, X: Tensor) -> Tensor:
+        """``max |Qᴴ Q - I|`` over the entries (``Q Qᴴ`` for a wide ``X``)."""
+        tall = X.mT if X.shape[-2] < X.shape[-1] else X
+        eye = torch.eye(tall.shape[-1], dtype=tall.dtype, device=tall.device)
+        return (tall.mH @ tall - eye).abs().amax()
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        if len(shape) < 2:
+            raise bad_shape(
+                "orthogonal()",
+                label,
+                shape,
+                "a matrix or a batch of matrices",
+                "For vectors use tether.sphere.",
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"orthogonal_map={self.orthogonal_map!r}, use_trivialization={self.use_trivialization}"
+        )
+
+
+class SpecialOrthogonal(Orthogonal):
+    """Rotations: real square matrices in SO(n), orthogonal with determinant +1.
+
+    ``base @ map(A)`` with ``base`` in SO(n) and ``A`` skew-symmetric: both maps stay in the
+    connected component of the identity, so the determinant never leaves +1. Choose it over
+    :class:`Orthogonal` when reflections must be excluded (rigid motions, normalising flows
+    that need ``log|det| = 0`` with a fixed orientation). A non-member is projected to the
+    ``Q`` of its QR decomposition with the last column's sign flipped if ``det Q = -1``.
+
+    Args:
+        orthogonal_map: ``"matrix_exp"`` or ``"cayley"``.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.special_orthogonal(torch.nn.Linear(4, 4))
+        >>> round(torch.linalg.det(layer.weight).item(), 5)
+        1.0
+    """
+
+    def __init__(self, orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp") -> None:
+        if orthogonal_map not in ("matrix_exp", "cayley"):
+            raise ValueError(
+                f"special_orthogonal() supports orthogonal_map 'matrix_exp' or 'cayley'; "
+                f"got {orthogonal_map!r}."
+            )
+        super().__init__(orthogonal_map, use_trivialization=True)
+
+    def _base_for(self, tall: Tensor) -> Tensor:
+        base = _complete(tall)
+        flip = torch.ones_like(base[..., 0, :])
+        flip[..., -1] = torch.linalg.det(base).sign()
+        return base * flip.unsqueeze(-2)
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A rotation drawn from the Haar measure on SO(n)."""
+        Q = super().sample(shape, dtype=dtype, device=device, generator=generator)
+        return self._base_for(Q)
+
+    def distance(self, X: Tensor) -> Tensor:
+        """Distance to O(n), or 2 when the determinant is negative (the other component)."""
+        off = super().distance(X)
+        negative = (torch.linalg.det(X) < 0).any()
+        return torch.where(negative, torch.full_like(off, 2.0), off)
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        if len(shape) < 2 or shape[-1] != shape[-2]:
+            raise bad_shape(
+                "special_orthogonal()",
+                label,
+                shape,
+                "a square matrix or a batch of square matrices",
+                "For rectangular weights use tether.orthogonal.",
+            )
+
+
+class Grassmannian(Orthogonal):
+    """Subspaces: matrices with orthonormal columns (rows if wide), moved only across subspaces.
+
+    A point of the Grassmannian Gr(n, k) is a k-dimensional subspace of Rⁿ, represented by an
+    ``n x k`` matrix with orthonormal columns spanning it. The map is ``base @ exp(A)`` with
+    ``A = [[0, -Bᴴ], [B, 0]]``: only the ``(n - k) x k`` block ``B`` is trained, so gradient
+    steps change the subspace and never waste effort rotating within it. Choose it over
+    :class:`Orthogonal` when only the span matters (subspace tracking, PCA-like layers).
+
+    Args:
+        orthogonal_map: ``"matrix_exp"`` or ``"cayley"``.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.grassmannian(torch.nn.Linear(2, 6))
+        >>> W = layer.weight
+        >>> torch.allclose(W.T @ W, torch.eye(2), atol=1e-6)
+        True
+    """
+
+    def __init__(self, orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp") -> None:
+        if orthogonal_map not in ("matrix_exp", "cayley"):
+            raise ValueError(
+                f"grassmannian() supports orthogonal_map 'matrix_exp' or 'cayley'; "
+                f"got {orthogonal_map!r}."
+            )
+        super().__init__(orthogonal_map, use_trivialization=True)
+
+    def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
+        group_map = matrix_exp if orthogonal_map == "matrix_exp" else cayley
+        return _square_map(group_map, _horizontal_generator)
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        if len(shape) < 2:
+            raise bad_shape("grassmannian()", label, shape, "a matrix or a batch of matrices")
+
+
+def orthogonal(
+    module: M,
+    name: str = "weight",
+    orthogonal_map: OrthogonalMap | None = None,
+    *,
+    use_trivialization: bool = True,
+) -> M:
+    """Constrain ``module.<name>`` to orthonormal columns / rows (orthogonal if square).
+
+    A drop-in for :func:`torch.nn.utils.parametrizations.orthogonal`: same signature, default
+    map (``"matrix_exp"`` for square or complex weights, ``"householder"`` otherwise),
+    numerics and ``state_dict`` keys, so checkpoints load both ways. See :class:`Orthogonal`.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: the tensor is not a matrix or batch of matrices, the map is unknown, or
+            ``"householder"`` is asked for a complex tensor.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.orthogonal(torch.nn.Linear(3, 3))
+        >>> Q = layer.weight
+        >>> torch.allclose(Q.T @ Q, torch.eye(3), atol=1e-6)
+        True
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(
+            f"orthogonal() on {where(module, name)}: there is no parameter or buffer of that "
+            "name. Pass name='...' with the tensor to constrain."
+        )
+    if weight.ndim >= 2 and orthogonal_map is None:
+        square = weight.shape[-2] == weight.shape[-1]
+        orthogonal_map = "matrix_exp" if square or weight.is_complex() else "householder"
+    if orthogonal_map == "householder" and weight.is_complex():
+        raise ValueError(
+            f"orthogonal() on {where(module, name)}: the householder map does not support "
+            "complex tensors. Use orthogonal_map='matrix_exp' or 'cayley'."
+        )
+    constraint = Orthogonal(orthogonal_map or "matrix_exp", use_trivialization=use_trivialization)
+    return register_constraint(module, name, constraint)
+
+
+def special_orthogonal(
+    module: M, name: str = "weight", orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp"
+) -> M:
+    """Constrain ``module.<name>`` to rotations, SO(n). See :class:`SpecialOrthogonal`.
+
+    Raises:
+        ValueError: the tensor is not square (or a batch of square matrices), or is complex.
+    """
+    weight = getattr(module, name, None)
+    if isinstance(weight, Tensor) and weight.is_complex():
+        raise ValueError(
+            f"special_orthogonal() on {where(module, name)} needs a real tensor; got "
+            f"{weight.dtype}. For unitary matrices use tether.orthogonal."
+        )
+    return register_constraint(module, name, SpecialOrthogonal(orthogonal_map))
+
+
+def grassmannian(
+    module: M, name: str = "weight", orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp"
+) -> M:
+    """Constrain ``module.<name>`` to a point of the Grassmannian. See :class:`Grassmannian`."""
+    return register_constraint(module, name, Grassmannian(orthogonal_map))
+
+
+def update_base(module: nn.Module, name: str = "weight") -> None:
+    """Move the base point of ``module.<name>``'s trivialization to the current weight.
+
+    The weight does not change; its original goes back to the neutral point and the base
+    absorbs the current value. Call it every few hundred steps of a long training run so that
+    the map keeps working near the identity, where it is best conditioned (Note [Trivialization
+    with a base point]). Optimizer state for the original (momentum, Adam moments) refers to
+    the old coordinates; resetting it is usually wise.
+
+    Raises:
+        ValueError: ``module.<name>`` has no constraint with a base point.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.orthogonal(torch.nn.Linear(3, 3))
+        >>> with torch.no_grad():
+        ...     _ = layer.parametrizations.weight.original.add_(0.1)
+        >>> before = layer.weight.detach().clone()
+        >>> tether.update_base(layer)
+        >>> torch.allclose(layer.weight, before, atol=1e-6)
+        True
+    """
+    chain = plists_of(module).get(name, ())
+    if not any(isinstance(getattr(p, "base", None), Tensor) for p in chain):
+        raise ValueError(
+            f"update_base() on {where(module, name)}: it has no constraint with a base point. "
+            "Register tether.orthogonal (use_trivialization=True), special_orthogonal or "
+            "grassmannian on it first."
+        )
+    with torch.no_grad():
+        setattr(module, name, getattr(module, name))

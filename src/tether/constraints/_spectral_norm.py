@@ -1,0 +1,637 @@
+"""Spectral normalization: weights whose largest singular value is one, or at most a bound."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tether._checks import bad_shape, describe, where
+from tether.constraints._base import Constraint, register_constraint
+from tether.constraints._weight_norm import add_load_hook, check_dim, first_parametrization
+from tether.functional import largest_singular_value, power_iteration, singular_value_estimate
+
+__all__ = ["SpectralNorm", "spectral_norm"]
+
+M = TypeVar("M", bound=nn.Module)
+ConvLayer = (
+    nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+)
+
+# torch runs this many steps of the power method at registration, so that u and v start near
+# the top singular vectors; we do the same, which keeps the buffers equal to torch's.
+_WARMUP_ITERATIONS = 15
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _normalize(x: Tensor, eps: float) -> Tensor:
+    return x / x.norm().clamp_min(eps)
+
+
+class _ConvOperator:
+    """The linear map ``x -> conv(x, weight)`` of a convolution layer (bias left out).
+
+    It acts on inputs of one shape ``(C, *spatial)``; :meth:`apply` and :meth:`adjoint` take
+    a leading batch dimension. Subclasses fix the layer's kind; only hyperparameters are kept
+    (never the layer, which owns this object through its parametrization).
+    """
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def power_iteration(
+        self, weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """The steps of :func:`tether.functional.power_iteration`, through the layer."""
+        for _ in range(n_power_iterations):
+            u = _normalize(self.apply(v[None], weight)[0], eps)
+            v = _normalize(self.adjoint(u[None], weight)[0], eps)
+        return u, v
+
+    def estimate(self, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        return torch.vdot(u.flatten(), self.apply(v[None], weight).flatten())
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        """The operator as a dense ``(output size, input size)`` matrix (small inputs only)."""
+        n = math.prod(self.input_shape)
+        basis = torch.eye(n, dtype=weight.dtype, device=weight.device)
+        return self.apply(basis.view(n, *self.input_shape), weight).reshape(n, -1).mT
+
+
+class _Conv(_ConvOperator):
+    """``x -> conv(pad(x), weight)``: the zero padding is explicit, so its adjoint is a crop."""
+
+    def __init__(
+        self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, input_shape: tuple[int, ...]
+    ) -> None:
+        kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.nd, self.groups = len(kernel), conv.groups
+        self.stride, self.dilation = stride, dilation
+        pads = [_padding(conv, i) for i in range(self.nd)]
+        spatial = input_shape[1:]
+        padded = [s + left + right for s, (left, right) in zip(spatial, pads, strict=True)]
+        reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+        out = [(p - r) // s + 1 for p, r, s in zip(padded, reach, stride, strict=True)]
+        if min(p - r for p, r in zip(padded, reach, strict=True)) < 0:
+            raise ValueError(
+                f"input_shape {input_shape} is smaller than the kernel's reach {tuple(reach)}."
+            )
+        self.pad = tuple(amount for pair in reversed(pads) for amount in pair)  # F.pad's order
+        self.output_padding = tuple(
+            p - ((o - 1) * s + r) for p, o, s, r in zip(padded, out, stride, reach, strict=True)
+        )
+        self.crop = (
+            slice(None),
+            slice(None),
+            *(slice(left, left + s) for s, (left, _) in zip(spatial, pads, strict=True)),
+        )
+        self.input_shape = input_shape
+        self.output_shape = (conv.out_channels, *out)
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        x = F.pad(x, self.pad)
+        return _CONV[self.nd](x, weight, None, self.stride, 0, self.dilation, self.groups)
+
+    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
+        conv_t = _CONV_TRANSPOSE[self.nd]
+        x = conv_t(y, weight, None, self.stride, 0, self.output_padding, self.groups, self.dilation)
+        return x[self.crop]
+
+
+class _ConvTranspose(_ConvOperator):
+    """``x -> conv_transpose(x, weight)``, whose adjoint is the convolution."""
+
+    def __init__(
+        self,
+        conv: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d,
+        input_shape: tuple[int, ...],
+    ) -> None:
+        self.nd, self.stride, self.dilation = len(conv.kernel_size), conv.stride, conv.dilation
+        # Transposed convolutions take no string padding; the ints make that plain to mypy.
+        self.padding = tuple(int(p) for p in conv.padding)
+        self.output_padding = conv.output_padding
+        self.groups = conv.groups
+        out = [
+            (i - 1) * s - 2 * p + d * (k - 1) + o + 1
+            for i, s, p, d, k, o in zip(
+                input_shape[1:],
+                conv.stride,
+                self.padding,
+                conv.dilation,
+                conv.kernel_size,
+                conv.output_padding,
+                strict=True,
+            )
+        ]
+        if min(out) < 1:
+            raise ValueError(f"input_shape {input_shape} gives an empty output {tuple(out)}.")
+        self.input_shape = input_shape
+        self.output_shape = (conv.out_channels, *out)
+        # With output_padding >= stride (allowed when dilation > stride), the convolution of
+        # an output has one more position than the input; that row is outside the operator.
+        self.crop = (slice(None), slice(None), *(slice(0, s) for s in input_shape[1:]))
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        conv_t = _CONV_TRANSPOSE[self.nd]
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        return conv_t(x, weight, None, stride, padding, self.output_padding, self.groups, dilation)
+
+    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
+        x = _CONV[self.nd](y, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return x[self.crop]
+
+
+def _padding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, i: int) -> tuple[int, int]:
+    """The (left, right) zero padding of spatial dimension ``i``, as the layer applies it."""
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":  # torch puts the odd extra on the right
+        total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+        return total // 2, total - total // 2
+    amount = int(conv.padding[i])
+    return amount, amount
+
+
+def _operator_norm(operator: _ConvOperator, X: Tensor) -> Tensor:
+    return largest_singular_value(operator.matrix(X))
+
+
+def _divide(X: Tensor, sigma: Tensor) -> Tensor:
+    return X / sigma
+
+
+def _clip(X: Tensor, sigma: Tensor, bound: float) -> Tensor:
+    # X / max(1, sigma / bound): a tensor already inside the bound is left exactly as it is.
+    return X / torch.clamp(sigma.abs() / bound, min=1.0)
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_arguments(
+    function: str,
+    label: str,
+    weight: Tensor,
+    n_power_iterations: int,
+    eps: float,
+    dim: int,
+    bound: float | None,
+    exact: bool,
+    conv: ConvLayer | None,
+    input_shape: Sequence[int] | None,
+) -> _ConvOperator | None:
+    """Raise a ValueError, TypeError or IndexError naming the first bad argument.
+
+    Returns the convolution operator when ``conv`` is given.
+    """
+    who = f"{function} on {label}"
+    if not isinstance(n_power_iterations, int) or isinstance(n_power_iterations, bool):
+        raise TypeError(
+            f"{who}: `n_power_iterations` must be an int; got {describe(n_power_iterations)}."
+        )
+    if n_power_iterations <= 0:
+        raise ValueError(
+            f"{who}: expected `n_power_iterations` to be positive, but got "
+            f"n_power_iterations={n_power_iterations}."
+        )
+    if not _is_real_number(eps) or not 0 < eps < math.inf:
+        raise ValueError(f"{who}: `eps` must be a positive float; got {eps!r}.")
+    if bound is not None and (not _is_real_number(bound) or not 0 < bound < math.inf):
+        raise ValueError(
+            f"{who}: `bound` must be None or a positive float (the largest singular value "
+            f"allowed); got {bound!r}."
+        )
+    if not isinstance(exact, bool):
+        raise TypeError(f"{who}: `exact` must be a bool; got {describe(exact)}.")
+    if weight.ndim == 0:
+        raise bad_shape(function, label, weight.shape, "at least one dimension")
+    check_dim(dim, weight, who)
+    if conv is None:
+        if input_shape is not None:
+            raise ValueError(
+                f"{who}: `input_shape` is only used with the convolution operator "
+                "(conv_operator=True); drop it or pass conv_operator=True."
+            )
+        return None
+    if not isinstance(conv, _CONVS + _CONV_TRANSPOSES):
+        raise ValueError(
+            f"{who}: the convolution operator needs a layer nn.Conv1d/2d/3d or "
+            f"nn.ConvTranspose1d/2d/3d; got {type(conv).__name__}. Without conv_operator, "
+            "the reshaped weight is normalized."
+        )
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"{who}: the convolution operator supports padding_mode='zeros'; the layer has "
+            f"padding_mode={conv.padding_mode!r}."
+        )
+    # From the hyperparameters: reading conv.weight would evaluate its parametrizations.
+    channels = (conv.in_channels, conv.out_channels)
+    if isinstance(conv, _CONV_TRANSPOSES):
+        kernel_shape = (channels[0], channels[1] // conv.groups, *conv.kernel_size)
+    else:
+        kernel_shape = (channels[1], channels[0] // conv.groups, *conv.kernel_size)
+    if tuple(weight.shape) != kernel_shape:
+        raise bad_shape(function, label, weight.shape, f"the layer's kernel shape {kernel_shape}")
+    nd = len(conv.kernel_size)
+    example = "(C, " + {1: "L", 2: "H, W", 3: "D, H, W"}[nd] + ")"
+    if input_shape is None:
+        raise ValueError(
+            f"{who}: the convolution operator needs `input_shape`, the shape {example} of "
+            f"one input to the layer (without the batch dimension), e.g. "
+            f"input_shape={(conv.in_channels, *[32] * nd)}."
+        )
+    shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
+    if (
+        len(shape) != nd + 1
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        or shape[0] != conv.in_channels
+    ):
+        raise ValueError(
+            f"{who}: `input_shape` must be {example}: {nd + 1} positive ints starting with "
+            f"the layer's in_channels={conv.in_channels}; got {input_shape!r}."
+        )
+    try:
+        if isinstance(conv, _CONV_TRANSPOSES):
+            return _ConvTranspose(conv, shape)
+        return _Conv(conv, shape)
+    except ValueError as error:
+        raise ValueError(f"{who}: {error}") from None
+
+
+class SpectralNorm(Constraint):
+    """Spectral normalization: tensors whose largest singular value is 1, or at most ``bound``.
+
+    The set is ``{W : sigma(W) = 1}``, or ``{W : sigma(W) ≤ bound}`` with ``bound``, where
+    ``sigma`` is the largest singular value of ``W`` reshaped to a matrix (dimension ``dim``
+    first, the others flattened; the 2-norm for a vector). ``forward`` returns
+    ``W / sigma(W)``, or ``W / max(1, sigma(W) / bound)``, which leaves weights inside the bound
+    untouched: use ``bound`` to cap a layer's Lipschitz constant without forcing it up to the
+    cap. ``sigma`` is computed in one of three ways, chosen at construction:
+
+    - by the power method (default), as :func:`torch.nn.utils.parametrizations.spectral_norm`
+      does, with the same numerics: the buffers ``_u``, ``_v`` hold estimates of the top
+      singular vectors, refined by ``n_power_iterations`` steps at each evaluation in training
+      mode and frozen in eval mode. Cheap, but an estimate: it lags behind the weight after
+      large changes, and it never exceeds the true ``sigma``, so the result can end slightly
+      above 1 (or above ``bound``);
+    - exactly (``exact=True``) with a singular value decomposition, for small layers: the
+      bound holds to rounding, and no buffers are kept;
+    - for a convolution (``conv`` and ``input_shape``), as the norm of the convolution
+      operator itself on inputs of that shape, by the power method through the convolution and
+      its transpose (or exactly, from its dense matrix, with ``exact=True``). This is the
+      layer's Lipschitz constant, which the norm of the reshaped kernel does not give.
+
+    ``right_inverse`` returns the tensor unchanged, as torch's does: the buffers are not
+    touched, so after assigning a new weight the power method catches up during training-mode
+    evaluations (or use ``exact=True``).
+
+    Args:
+        weight: the tensor to be normalized; it sizes the buffers and starts the power method.
+        n_power_iterations: power-method steps per evaluation in training mode.
+        dim: the dimension of the outputs, moved first when reshaping to a matrix (torch uses
+            1 for transposed convolutions); unused with ``conv``.
+        eps: floor of the norms in the power method.
+        bound: the largest singular value allowed; ``None`` normalizes to exactly 1.
+        exact: compute ``sigma`` with a singular value decomposition.
+        conv: a convolution layer whose operator norm is used (``weight`` is its kernel).
+        input_shape: with ``conv``, the shape ``(C, *spatial)`` of one input to the layer.
+
+    Raises:
+        ValueError: a bad ``n_power_iterations``, ``eps``, ``bound``, ``conv`` or
+            ``input_shape``, or a 0-dimensional ``weight``.
+        IndexError: ``dim`` is out of range.
+        TypeError: an argument has the wrong type.
+
+    References:
+        Spectral Normalization for Generative Adversarial Networks. Takeru Miyato, Toshiki
+        Kataoka, Masanori Koyama, Yuichi Yoshida, 2018. https://arxiv.org/abs/1802.05957
+
+        Regularisation of Neural Networks by Enforcing Lipschitz Continuity. Henry Gouk, Eibe
+        Frank, Bernhard Pfahringer, Michael J. Cree, 2018. https://arxiv.org/abs/1804.04368
+
+        The Singular Values of Convolutional Layers. Hanie Sedghi, Vineet Gupta, Philip M.
+        Long, 2019. https://arxiv.org/abs/1805.10408
+
+    Example:
+        >>> import torch, tether
+        >>> layer = torch.nn.Linear(6, 4)
+        >>> norm = tether.constraints.SpectralNorm(layer.weight, exact=True)
+        >>> layer = tether.register_parametrization(layer, "weight", norm)
+        >>> sigma = torch.linalg.matrix_norm(layer.weight, ord=2)
+        >>> torch.allclose(sigma, torch.tensor(1.0))
+        True
+    """
+
+    _u: Tensor
+    _v: Tensor
+
+    def __init__(
+        self,
+        weight: Tensor,
+        n_power_iterations: int = 1,
+        dim: int = 0,
+        eps: float = 1e-12,
+        *,
+        bound: float | None = None,
+        exact: bool = False,
+        conv: ConvLayer | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        operator = _check_arguments(
+            "SpectralNorm",
+            "the weight",
+            weight,
+            n_power_iterations,
+            eps,
+            dim,
+            bound,
+            exact,
+            conv,
+            input_shape,
+        )
+        self.n_power_iterations = n_power_iterations
+        self.dim = dim % weight.ndim
+        self.eps = eps
+        self.bound = None if bound is None else float(bound)
+        self.exact = exact
+        self._shape = weight.shape
+        self._scale: Callable[[Tensor, Tensor], Tensor] = (
+            _divide if self.bound is None else functools.partial(_clip, bound=self.bound)
+        )
+        self._operator = operator
+        self._sigma: Callable[[Tensor], Tensor]
+        self._exact_sigma: Callable[[Tensor], Tensor]
+        with torch.no_grad():
+            if operator is not None:
+                self._exact_sigma = functools.partial(_operator_norm, operator)
+                if exact:
+                    self._sigma = self._exact_sigma
+                else:
+                    self._sigma = functools.partial(self._operator_estimate, operator)
+                    shapes = operator.output_shape, operator.input_shape
+                    self._start(weight, operator.power_iteration, *shapes)
+            elif weight.ndim == 1:  # the 2-norm, exactly, as in torch
+                self._exact_sigma = self._sigma = self._vector_norm
+            else:
+                self._exact_sigma = self._matrix_norm
+                self._sigma = self._matrix_norm if exact else self._matrix_estimate
+                if not exact:
+                    W = self._matrix(weight)
+                    self._start(W, power_iteration, W.shape[:1], W.shape[1:])
+
+    def _start(
+        self,
+        W: Tensor,
+        iterate: Callable[[Tensor, Tensor, Tensor, int, float], tuple[Tensor, Tensor]],
+        u_shape: Sequence[int],
+        v_shape: Sequence[int],
+    ) -> None:
+        """Draw ``u`` and ``v`` as torch does (same generator calls) and run the warm-up."""
+        u = F.normalize(W.new_empty(math.prod(u_shape)).normal_(0, 1), dim=0, eps=self.eps)
+        v = F.normalize(W.new_empty(math.prod(v_shape)).normal_(0, 1), dim=0, eps=self.eps)
+        u, v = iterate(W, u.view(*u_shape), v.view(*v_shape), _WARMUP_ITERATIONS, self.eps)
+        self.register_buffer("_u", u)
+        self.register_buffer("_v", v)
+
+    def _matrix(self, X: Tensor) -> Tensor:
+        if self.dim != 0:
+            X = X.permute(self.dim, *(d for d in range(X.ndim) if d != self.dim))
+        return X.flatten(1)
+
+    def _vector_norm(self, X: Tensor) -> Tensor:
+        return X.norm(2, 0, keepdim=True).clamp_min(self.eps)
+
+    def _matrix_norm(self, X: Tensor) -> Tensor:
+        return largest_singular_value(self._matrix(X))
+
+    def _matrix_estimate(self, X: Tensor) -> Tensor:
+        W = self._matrix(X)
+        if self.training:
+            with torch.no_grad():
+                u, v = power_iteration(W, self._u, self._v, self.n_power_iterations, self.eps)
+                self._refresh(u, v)
+        u, v = self._frozen_vectors()
+        return singular_value_estimate(W, u, v)
+
+    def _operator_estimate(self, operator: _ConvOperator, X: Tensor) -> Tensor:
+        if self.training:
+            with torch.no_grad():
+                u, v = operator.power_iteration(
+                    X, self._u, self._v, self.n_power_iterations, self.eps
+                )
+                self._refresh(u, v)
+        u, v = self._frozen_vectors()
+        return operator.estimate(X, u, v)
+
+    def _refresh(self, u: Tensor, v: Tensor) -> None:
+        # In place, as torch does: under DataParallel the replicas share these buffers' storage.
+        self._u.copy_(u)
+        self._v.copy_(v)
+
+    def _frozen_vectors(self) -> tuple[Tensor, Tensor]:
+        # Copies, so that a later in-place refresh does not invalidate this graph (GANs
+        # backpropagate through two evaluations, e.g. D(real) - D(fake)).
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        return u, v
+
+    def forward(self, X: Tensor) -> Tensor:
+        return self._scale(X, self._sigma(X))
+
+    def right_inverse(self, X: Tensor) -> Tensor:
+        return X
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A Gaussian tensor rescaled into the set (with the exact ``sigma``)."""
+        self.check_shape(torch.Size(shape), "shape")
+        G = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
+        with torch.no_grad():
+            return self._scale(G, self._exact_sigma(G))
+
+    def distance(self, X: Tensor) -> Tensor:
+        """``|sigma(X) - 1|``, or ``max(sigma(X) - bound, 0)``, with the exact ``sigma``."""
+        with torch.no_grad():
+            sigma = self._exact_sigma(X).abs().max()
+        if self.bound is None:
+            return (sigma - 1).abs()
+        return (sigma - self.bound).clamp_min(0)
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        if shape != self._shape:
+            raise bad_shape(
+                "SpectralNorm",
+                label,
+                shape,
+                f"the shape {tuple(self._shape)} it was built for",
+                "Build one SpectralNorm per weight.",
+            )
+
+    def extra_repr(self) -> str:
+        options = {
+            "n_power_iterations": self.n_power_iterations,
+            "dim": self.dim if self._operator is None else None,
+            "eps": self.eps,
+            "bound": self.bound,
+            "exact": self.exact or None,
+            "input_shape": None if self._operator is None else self._operator.input_shape,
+        }
+        return ", ".join(f"{key}={value}" for key, value in options.items() if value is not None)
+
+
+def spectral_norm(
+    module: M,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+    *,
+    bound: float | None = None,
+    exact: bool = False,
+    conv_operator: bool = False,
+    input_shape: Sequence[int] | None = None,
+) -> M:
+    """Apply spectral normalization to ``module.<name>`` (see :class:`SpectralNorm`).
+
+    A drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`: with the default
+    keyword arguments, the same signature, results (for the same random seed, in training and
+    eval mode), buffers ``_u``, ``_v``, right inverse and ``state_dict`` keys
+    (``parametrizations.weight.original``, ``parametrizations.weight.0._u``, ``..._v``), so
+    checkpoints move both ways. Checkpoints of the hook-based
+    :func:`torch.nn.utils.spectral_norm` (``weight_orig``, ``weight_u``, ``weight_v``) load too.
+
+    Args:
+        module: the module holding the tensor.
+        name: the parameter or buffer to normalize.
+        n_power_iterations: power-method steps each time the weight is computed in training
+            mode.
+        eps: floor of the norms in the power method.
+        dim: the dimension of the outputs; default 1 for ``nn.ConvTranspose*d``, else 0.
+        bound: cap the largest singular value at ``bound`` instead of setting it to 1.
+        exact: compute the largest singular value exactly (small layers).
+        conv_operator: for a convolution layer, normalize the convolution operator on inputs
+            of shape ``input_shape`` rather than the reshaped kernel.
+        input_shape: with ``conv_operator``, the shape ``(C, H, W)`` (``(C, L)`` in 1d,
+            ``(C, D, H, W)`` in 3d) of one input, without the batch dimension.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: ``module`` has no tensor ``name``; bad ``n_power_iterations``, ``eps`` or
+            ``bound``; ``conv_operator`` on a layer that is not a convolution, without
+            ``input_shape`` or with ``dim``; ``input_shape`` without ``conv_operator``.
+        IndexError: ``dim`` is out of range.
+        TypeError: an argument has the wrong type.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.spectral_norm(torch.nn.Linear(20, 40))
+        >>> list(layer.state_dict())[1:]
+        ['parametrizations.weight.original', 'parametrizations.weight.0._u', \
+'parametrizations.weight.0._v']
+        >>> conv = tether.spectral_norm(
+        ...     torch.nn.Conv2d(3, 8, 3, padding=1), conv_operator=True, input_shape=(3, 16, 16)
+        ... )
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"spectral_norm() needs an nn.Module; got {describe(module)}.")
+    label = where(module, name)
+    caller = f"spectral_norm() on {label}"  # how error messages start
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(
+            f"{caller}: the module has no parameter or buffer named {name!r} (got "
+            f"{describe(weight)})."
+        )
+    if not isinstance(conv_operator, bool):
+        raise TypeError(f"{caller}: `conv_operator` must be a bool; got {describe(conv_operator)}.")
+    conv: Any = None
+    if conv_operator:
+        if not isinstance(module, _CONVS + _CONV_TRANSPOSES):
+            raise ValueError(
+                f"{caller}: conv_operator=True needs a convolution layer (nn.Conv1d/2d/3d, "
+                f"nn.ConvTranspose1d/2d/3d); got {type(module).__name__}. Drop conv_operator "
+                "to normalize the weight as a matrix."
+            )
+        if dim is not None:
+            raise ValueError(
+                f"{caller}: `dim` has no meaning with conv_operator=True (the operator acts on "
+                "whole inputs); leave it as None."
+            )
+        conv = module
+    if dim is None:
+        dim = 1 if isinstance(module, _CONV_TRANSPOSES) else 0
+    _check_arguments(
+        "spectral_norm()",
+        label,
+        weight,
+        n_power_iterations,
+        eps,
+        dim,
+        bound,
+        exact,
+        conv,
+        input_shape,
+    )
+    constraint = SpectralNorm(
+        weight,
+        n_power_iterations,
+        dim,
+        eps,
+        bound=bound,
+        exact=exact,
+        conv=conv,
+        input_shape=input_shape,
+    )
+    register_constraint(module, name, constraint)
+    add_load_hook(module, functools.partial(_load_legacy_spectral_norm, name))
+    return module
+
+
+def _load_legacy_spectral_norm(
+    name: str,
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    *args: Any,
+) -> None:
+    """Rename ``weight_orig``, ``weight_u``, ``weight_v`` (Note [Loading the checkpoints ...]).
+
+    The vectors are kept only where they mean the same as torch's: a power method on the
+    reshaped matrix. Exact, vector and convolution-operator normalizations drop them.
+    """
+    constraint = first_parametrization(module, name)
+    if not isinstance(constraint, SpectralNorm):
+        return
+    keys = [f"{prefix}{name}_{suffix}" for suffix in ("orig", "u", "v")]
+    if not all(key in state_dict for key in keys):
+        return
+    original, u, v = (state_dict.pop(key) for key in keys)
+    block = f"{prefix}parametrizations.{name}."
+    state_dict[block + "original"] = original
+    if constraint._operator is None and "_u" in constraint._buffers:
+        state_dict[block + "0._u"] = u
+        state_dict[block + "0._v"] = v

@@ -1,0 +1,332 @@
+"""Maps onto symmetric, skew-symmetric, positive definite and positive semidefinite matrices.
+
+Every map works on real and complex tensors: for complex ones read Hermitian for symmetric,
+``Xᴴ`` for ``Xᵀ`` and unitary for orthogonal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from tether.functional._orthogonal import orthonormalize
+
+__all__ = [
+    "fixed_rank_psd",
+    "fixed_rank_psd_factors",
+    "gram",
+    "gram_factor",
+    "skew_part",
+    "spd_exp",
+    "spd_log",
+    "spd_softplus",
+    "spd_softplus_inverse",
+    "symmetric_part",
+]
+
+Spectral = Callable[[Tensor], Tensor]
+
+# Note [Gradients of spectral functions]
+#     A spectral map A = Q diag(λ) Qᴴ ↦ Q diag(f(λ)) Qᴴ is smooth whenever f is, but the
+#     backward of torch.linalg.eigh divides by λᵢ - λⱼ and returns NaN as soon as two
+#     eigenvalues coincide, which happens at the most common starting points (the identity,
+#     a multiple of it, any matrix set from a diagonal one). We differentiate the map as a
+#     whole instead, with the Daleckii-Krein formula: for a symmetric direction H,
+#         d f(A)[H] = Q (Γ ∘ (Qᴴ H Q)) Qᴴ,   Γᵢⱼ = (f(λᵢ) - f(λⱼ)) / (λᵢ - λⱼ),
+#     with Γᵢⱼ = f'(λᵢ) when λᵢ = λⱼ. The map is self-adjoint, so the same formula gives the
+#     backward. When f(λᵢ) and f(λⱼ) agree to a relative cbrt(eps) the quotient loses digits
+#     to cancellation, and f' at the midpoint is used instead: both errors are then of order
+#     eps^(2/3). The backward is first order (once_differentiable): to autograd the gradient
+#     it returns is constant in A, so second derivatives with respect to A (create_graph=True,
+#     nested torch.func transforms) miss this map's curvature, and torch.autograd.grad raises
+#     when the map is the only path to A. Exact ones would need second divided differences.
+
+
+def _divided_differences(L: Tensor, f: Spectral, df: Spectral) -> Tensor:
+    """The matrix Γ of Note [Gradients of spectral functions] for eigenvalues ``L``."""
+    fL = f(L)
+    fi, fj = fL.unsqueeze(-1), fL.unsqueeze(-2)
+    Li, Lj = L.unsqueeze(-1), L.unsqueeze(-2)
+    rtol = torch.finfo(L.dtype).eps ** (1 / 3)
+    close = (fi - fj).abs() <= rtol * torch.maximum(fi.abs(), fj.abs())
+    step = torch.where(close, torch.ones_like(Li - Lj), Li - Lj)
+    return torch.where(close, df((Li + Lj) / 2), (fi - fj) / step)
+
+
+def _rebuild(Q: Tensor, L: Tensor) -> Tensor:
+    """``Q diag(L) Qᴴ``, made exactly symmetric (Hermitian)."""
+    return symmetric_part((Q * L.unsqueeze(-2).to(Q.dtype)) @ Q.mH)
+
+
+class _SpectralMap(torch.autograd.Function):
+    """``A ↦ Q diag(f(λ)) Qᴴ`` for a symmetric ``A``; see Note [Gradients of spectral ...]."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A: Tensor, f: Spectral, df: Spectral) -> tuple[Tensor, Tensor, Tensor]:
+        L, Q = torch.linalg.eigh(A)
+        return _rebuild(Q, f(L)), L, Q
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        _, f, df = inputs
+        _, L, Q = output
+        ctx.mark_non_differentiable(L, Q)
+        ctx.save_for_backward(L, Q)
+        ctx.f, ctx.df = f, df
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor, None, None]:
+        L, Q = ctx.saved_tensors
+        gamma = _divided_differences(L, ctx.f, ctx.df).to(Q.dtype)
+        return Q @ (gamma * (Q.mH @ grad @ Q)) @ Q.mH, None, None
+
+
+def _spectral(A: Tensor, f: Spectral, df: Spectral) -> Tensor:
+    """``f`` applied to the eigenvalues of the symmetric part of ``A``."""
+    Y, _, _ = _SpectralMap.apply(symmetric_part(A), f, df)  # type: ignore[no-untyped-call]  # untyped in torch
+    return Y
+
+
+def symmetric_part(X: Tensor) -> Tensor:
+    """The symmetric (Hermitian) part ``(X + Xᴴ) / 2`` of a square ``X``.
+
+    The orthogonal projection onto the symmetric matrices, so it is its own right inverse: it
+    leaves a symmetric ``X`` as it is.
+
+    Args:
+        X: shape ``(*, n, n)``.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import symmetric_part
+        >>> S = symmetric_part(torch.randn(3, 3))
+        >>> torch.equal(S, S.mT), torch.equal(symmetric_part(S), S)
+        (True, True)
+    """
+    return (X + X.mH) / 2
+
+
+def skew_part(X: Tensor) -> Tensor:
+    """The skew-symmetric (skew-Hermitian) part ``(X - Xᴴ) / 2`` of a square ``X``.
+
+    The orthogonal projection onto the skew matrices, so it is its own right inverse.
+
+    Args:
+        X: shape ``(*, n, n)``.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import skew_part
+        >>> A = skew_part(torch.randn(3, 3))
+        >>> torch.equal(A, -A.mT), torch.equal(skew_part(A), A)
+        (True, True)
+    """
+    return (X - X.mH) / 2
+
+
+def spd_exp(X: Tensor) -> Tensor:
+    """The exponential ``exp(S)`` of the symmetric part ``S`` of ``X``: positive definite.
+
+    A diffeomorphism from the symmetric matrices onto the positive definite ones; its right
+    inverse is :func:`spd_log`. Eigenvalues ``λ`` of ``S`` become ``exp(λ)``, so the map
+    works on a log scale: good for weights whose eigenvalues span orders of magnitude.
+
+    Args:
+        X: shape ``(*, n, n)``.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import spd_exp, spd_log
+        >>> A = spd_exp(torch.randn(4, 4, dtype=torch.float64))
+        >>> bool(torch.linalg.eigvalsh(A).min() > 0), torch.allclose(spd_exp(spd_log(A)), A)
+        (True, True)
+    """
+    # matrix_exp (scaling and squaring) rather than eigh: its backward has no trouble with
+    # repeated eigenvalues, and it is faster.
+    return symmetric_part(torch.linalg.matrix_exp(symmetric_part(X)))
+
+
+def spd_log(A: Tensor) -> Tensor:
+    """The symmetric logarithm of a positive definite ``A``: the right inverse of :func:`spd_exp`.
+
+    ``Q diag(log λ) Qᴴ`` from ``torch.linalg.eigh`` of the symmetric part of ``A``, after
+    raising the eigenvalues to the floor of Note [Eigenvalue floor] (``sqrt(eps)`` times the
+    largest ``|λ|``), so that any square ``A`` has a finite result: the logarithm of a positive
+    definite matrix close to ``A``. Differentiable where the eigenvalues are distinct; meant
+    for setting weights, under ``torch.no_grad()``.
+
+    Args:
+        A: shape ``(*, n, n)``.
+    """
+    L, Q = _eigh_above_floor(A)
+    return _rebuild(Q, torch.log(L))
+
+
+def _softplus_inverse(y: Tensor) -> Tensor:
+    # log(exp(y) - 1), written so that it neither overflows for large y nor loses digits for
+    # small ones.
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _softplus_inverse_derivative(y: Tensor) -> Tensor:
+    return -1 / torch.expm1(-y)
+
+
+def spd_softplus(X: Tensor) -> Tensor:
+    """Softplus applied to the eigenvalues of the symmetric part of ``X``: positive definite.
+
+    ``Q diag(softplus(λ)) Qᴴ`` for ``S = Q diag(λ) Qᴴ``; the right inverse is
+    :func:`spd_softplus_inverse`. Softplus is close to the identity for large eigenvalues, so
+    this map behaves like a plain symmetric matrix away from zero and only bends near it.
+    Differentiable everywhere, repeated eigenvalues included, to first order: second
+    derivatives are not supported (see Note [Gradients of spectral functions] in the source).
+
+    Args:
+        X: shape ``(*, n, n)``.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import spd_softplus, spd_softplus_inverse
+        >>> A = spd_softplus(torch.randn(4, 4, dtype=torch.float64))
+        >>> bool(torch.linalg.eigvalsh(A).min() > 0)
+        True
+        >>> torch.allclose(spd_softplus(spd_softplus_inverse(A)), A)
+        True
+    """
+    return _spectral(X, F.softplus, torch.sigmoid)
+
+
+def spd_softplus_inverse(A: Tensor) -> Tensor:
+    """The right inverse of :func:`spd_softplus`: inverse softplus of the eigenvalues of ``A``.
+
+    ``Q diag(log(exp(λ) - 1)) Qᴴ`` for the symmetric part of ``A``, after raising ``λ`` to
+    the floor of Note [Eigenvalue floor], as :func:`spd_log` does.
+
+    Args:
+        A: shape ``(*, n, n)``.
+    """
+    L, Q = _eigh_above_floor(A)
+    return _rebuild(Q, _softplus_inverse(L))
+
+
+def gram(B: Tensor) -> Tensor:
+    """The Gram matrix ``B Bᴴ``: positive semidefinite, of rank at most ``k``.
+
+    The right inverse is :func:`gram_factor`. A polynomial map: cheap (``O(n² k)``) and with
+    smooth gradients everywhere, at the price of a factor that is unique only up to
+    ``B ↦ B U`` with ``U`` orthogonal.
+
+    Args:
+        B: shape ``(*, n, k)``.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import gram, gram_factor
+        >>> A = gram(torch.randn(5, 2, dtype=torch.float64))
+        >>> torch.allclose(gram(gram_factor(A, rank=2)), A)
+        True
+    """
+    return symmetric_part(B @ B.mH)
+
+
+def _nonnegative_sqrt(L: Tensor) -> Tensor:
+    return L.clamp(min=0).sqrt()
+
+
+def gram_factor(A: Tensor, rank: int | None = None) -> Tensor:
+    """A factor ``B`` with ``B Bᴴ = A`` for a positive semidefinite ``A``: inverts :func:`gram`.
+
+    With ``rank=None``, the positive semidefinite square root ``A^(1/2)``, of shape
+    ``(*, n, n)``; with ``rank=r``, ``Q_r diag(λ_r)^(1/2)`` from the ``r`` largest eigenpairs,
+    of shape ``(*, n, r)``. For any other ``A`` the result is the factor of the nearest (in
+    the Frobenius norm) positive semidefinite matrix of rank at most ``r``: the symmetric
+    part of ``A`` with its negative eigenvalues, and all but the ``r`` largest, set to zero.
+
+    Not differentiable where an eigenvalue is zero (the square root is not); meant for
+    setting weights, under ``torch.no_grad()``.
+
+    Args:
+        A: shape ``(*, n, n)``.
+        rank: the number of columns of the factor, ``1 <= rank <= n``, or ``None`` for ``n``
+            and the symmetric square root.
+    """
+    L, Q = torch.linalg.eigh(symmetric_part(A))
+    if rank is None:
+        return _rebuild(Q, _nonnegative_sqrt(L))
+    # eigh sorts the eigenvalues in ascending order: the largest are the last ones.
+    return Q[..., -rank:] * _nonnegative_sqrt(L[..., -rank:]).unsqueeze(-2).to(Q.dtype)
+
+
+def fixed_rank_psd(B: Tensor, s: Tensor) -> Tensor:
+    """``Q diag(softplus(s)) Qᴴ`` with ``Q`` the orthonormalized columns of ``B``: rank ``r``.
+
+    Positive semidefinite with exactly ``r`` positive eigenvalues, ``softplus(s)``, on the
+    column space of ``B``. The right inverse is :func:`fixed_rank_psd_factors`.
+
+    Args:
+        B: shape ``(*, n, r)`` with ``n >= r``, of full column rank.
+        s: shape ``(*, r)``.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import fixed_rank_psd, fixed_rank_psd_factors
+        >>> A = fixed_rank_psd(torch.randn(5, 2), torch.randn(2))
+        >>> int(torch.linalg.matrix_rank(A))
+        2
+    """
+    return _rebuild(orthonormalize(B), F.softplus(s))
+
+
+def fixed_rank_psd_factors(A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(Q, s)`` with ``fixed_rank_psd(Q, s) = A`` for a positive semidefinite ``A`` of rank ``r``.
+
+    ``Q`` holds the eigenvectors of the ``r`` largest eigenvalues ``λ`` of the symmetric part
+    of ``A`` (orthonormal columns, which :func:`tether.functional.orthonormalize` leaves as
+    they are) and ``s`` is the inverse softplus of ``λ``, after raising them to the floor of
+    Note [Eigenvalue floor]: for any other ``A``, the factors of a rank ``r`` matrix close to
+    the nearest positive semidefinite matrix of rank at most ``r``.
+
+    Args:
+        A: shape ``(*, n, n)``.
+        rank: ``r``, with ``1 <= r <= n``.
+
+    Returns:
+        ``Q`` of shape ``(*, n, r)`` and ``s`` of shape ``(*, r)``.
+    """
+    L, Q = _eigh_above_floor(A)
+    # eigh sorts the eigenvalues in ascending order: the largest are the last ones.
+    return Q[..., -rank:], _softplus_inverse(L[..., -rank:])
+
+
+# Note [Eigenvalue floor]
+#     Positive definite matrices (and PSD matrices of rank exactly r) form an open set: a
+#     matrix with a zero or negative eigenvalue has no nearest member, and no preimage under
+#     log or inverse softplus. The inverse maps therefore raise every eigenvalue of the
+#     symmetric part to at least
+#         floor = sqrt(eps) · max|λ|      (sqrt(eps) for the zero matrix),
+#     per matrix, with eps the dtype's machine epsilon: 3.5e-4 relative in float32, 1.5e-8 in
+#     float64, the membership tolerance of tether.constraints.default_atol. A member moves by
+#     less than that tolerance (relative to its largest eigenvalue), and a non-member lands
+#     that close to its projection onto the closed set (eigenvalues clamped at zero). Relative,
+#     so that the result does not depend on the units of the matrix.
+
+
+def _eigenvalue_floor(L: Tensor) -> Tensor:
+    """The floor of Note [Eigenvalue floor] for eigenvalues of shape ``(*, n)``, as ``(*, 1)``."""
+    atol = math.sqrt(torch.finfo(L.dtype).eps)
+    scale = L.abs().amax(dim=-1, keepdim=True)
+    return atol * torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _eigh_above_floor(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part of ``A``, eigenvalues raised to the floor."""
+    L, Q = torch.linalg.eigh(symmetric_part(A))
+    return torch.maximum(L, _eigenvalue_floor(L)), Q
