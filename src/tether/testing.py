@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +83,8 @@ def check_parametrization(
             f"(max abs error; tolerance {tolerance:.2e})",
         )
 
+    if not value.requires_grad:
+        _fail(name, "no finite gradient reaches original 0 through forward (its output has none)")
     cotangent = torch.randn_like(value)
     (value * cotangent).real.sum().backward()
     for i, original in enumerate(originals):
@@ -109,5 +112,5 @@ def _tolerance(X: Tensor) -> float:
     return default_atol(dtype) * math.sqrt(max(size, 1))
 
 
-def _fail(name: str, message: str) -> None:
+def _fail(name: str, message: str) -> NoReturn:
     raise AssertionError(f"{name}: {message}")
