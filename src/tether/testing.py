@@ -86,7 +86,7 @@ def check_parametrization(
     if not value.requires_grad:
         _fail(name, "no finite gradient reaches original 0 through forward (its output has none)")
     cotangent = torch.randn_like(value)
-    (value * cotangent).real.sum().backward()
+    (value * cotangent).real.sum().backward()  # type: ignore[no-untyped-call]  # untyped in torch
     for i, original in enumerate(originals):
         if original.requires_grad and (
             original.grad is None or not bool(torch.isfinite(original.grad).all())
