@@ -1,24 +1,40 @@
 """Validation helpers and the wording of tether's error messages.
 
-Every message says who (the module's class and the tensor), what was found, what was expected
-and how to fix it, with expected and found values on separate lines. Keeping the builders here
-keeps the wording uniform across the package.
+Every message says who (the module's class and the tensor, or the function and its argument),
+what was found, what was expected and how to fix it, with expected and found values on
+separate lines where there are two to compare. Keeping the builders here keeps the wording
+uniform across the package.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
+import operator
 from collections.abc import Sequence
+from typing import SupportsIndex
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "bad_shape",
+    "bad_type",
+    "bad_value",
+    "check_dim",
+    "check_slices",
+    "check_square",
+    "choice",
     "describe",
+    "dims",
     "expect_same_dtype",
     "expect_same_shape",
     "expect_tensor",
     "expect_tensors",
+    "int_dim",
+    "positive_number",
+    "real_number",
     "where",
 ]
 
@@ -96,3 +112,138 @@ def bad_shape(
     """
     message = f"{constraint} on {label} needs {needs}; got shape {tuple(shape)}."
     return ValueError(f"{message} {hint}" if hint else message)
+
+
+def check_square(constraint: str, label: str, shape: Sequence[int]) -> None:
+    """Raise :func:`bad_shape` unless ``shape`` is ``(*, n, n)``."""
+    if len(shape) < 2 or shape[-2] != shape[-1]:
+        hint = "Leading dimensions are batch dimensions; the last two must be equal."
+        raise bad_shape(
+            constraint,
+            label,
+            shape,
+            "a square matrix or a batch of square matrices, shape (*, n, n)",
+            hint if len(shape) >= 2 else "",
+        )
+
+
+def check_slices(
+    constraint: str,
+    label: str,
+    shape: Sequence[int],
+    dim: int | tuple[int, ...] | None,
+    scalar_hint: str = "A scalar has no dimensions; use dim=None for the whole tensor.",
+) -> None:
+    """Raise :func:`bad_shape` unless ``shape`` is non-empty and has every dimension in ``dim``."""
+    if math.prod(shape) == 0:
+        raise bad_shape(constraint, label, shape, "a non-empty tensor")
+    if dim is None:
+        return
+    ndim = len(shape)
+    wanted = (dim,) if isinstance(dim, int) else dim
+    if not all(-ndim <= d < ndim for d in wanted):
+        needs = f"a tensor with dim={dim!r}"
+        if ndim == 0:
+            hint = scalar_hint
+        else:
+            hint = f"Valid dims for {ndim} dimensions: {-ndim} to {ndim - 1}."
+        raise bad_shape(constraint, label, shape, needs, hint)
+    if len({d % ndim for d in wanted}) < len(wanted):
+        raise bad_shape(
+            constraint, label, shape, f"distinct dims, not {dim!r}", "Two name the same dimension."
+        )
+
+
+# Arguments. ``owner`` starts the message: the function or class that takes the argument
+# (``"low_rank()"``), or the call and the tensor (``"spectral_norm() on Linear.weight"``).
+
+
+def _got(value: object) -> str:
+    """A wrong argument's type, with its value if it is a small scalar: ``'2' (a str)``."""
+    if isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40:
+        return f"{value!r} ({describe(value)})"
+    return describe(value)
+
+
+def _shown(value: object) -> str:
+    """A wrong argument's value: its repr if short (never a tensor's), else a description."""
+    text = repr(value)
+    return describe(value) if isinstance(value, Tensor) or len(text) > 40 else text
+
+
+def bad_type(owner: str, argument: str, needs: str, value: object, hint: str = "") -> TypeError:
+    """The error for an argument of the wrong type: ``low_rank(): `rank` must be ...; got ...``."""
+    message = f"{owner}: `{argument}` must be {needs}; got {_got(value)}."
+    return TypeError(f"{message} {hint}" if hint else message)
+
+
+def bad_value(owner: str, argument: str, needs: str, value: object, hint: str = "") -> ValueError:
+    """The error for an argument of the right type but out of range."""
+    message = f"{owner}: `{argument}` must be {needs}; got {_shown(value)}."
+    return ValueError(f"{message} {hint}" if hint else message)
+
+
+def real_number(value: object, argument: str, owner: str) -> float:
+    """``value`` as a float if it is a finite real number, else a TypeError or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise bad_type(owner, argument, "a real number", value)
+    if not math.isfinite(value):
+        raise bad_value(owner, argument, "finite", value)
+    return float(value)
+
+
+def positive_number(value: object, argument: str, owner: str) -> float:
+    """``value`` as a float if it is a finite number above 0."""
+    number = real_number(value, argument, owner)
+    if not number > 0:
+        raise bad_value(owner, argument, "positive", value)
+    return number
+
+
+def choice(value: object, argument: str, allowed: Sequence[str], owner: str) -> str:
+    """``value`` if it is one of the ``allowed`` strings (a TypeError if it is no string)."""
+    needs = f"one of {', '.join(map(repr, allowed))}"
+    if not isinstance(value, str):
+        raise bad_type(owner, argument, needs, value)
+    if value not in allowed:
+        raise bad_value(owner, argument, needs, value)
+    return value
+
+
+def int_dim(value: object, owner: str) -> int:
+    """``value`` as an int if it is one (not a bool), or an integer type such as numpy's."""
+    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
+        with contextlib.suppress(TypeError):  # a float tensor has __index__, and raises
+            return operator.index(value)
+    raise bad_type(owner, "dim", "an int", value)
+
+
+def dims(value: object, owner: str) -> int | tuple[int, ...] | None:
+    """``value`` as ``None``, an int or a tuple of distinct ints (lists are accepted)."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)) and len(value) > 0:
+        result = tuple(int_dim(d, owner) for d in value)
+        if len(set(result)) < len(result):
+            raise bad_value(owner, "dim", "a tuple without repeated dimensions", value)
+        return result
+    try:
+        return int_dim(value, owner)
+    except TypeError:
+        needs = "None (the whole tensor), an int or a non-empty tuple of ints"
+        raise bad_type(owner, "dim", needs, value) from None
+
+
+def check_dim(dim: object, tensor: Tensor, who: str) -> None:
+    """Raise torch's error types for a ``dim`` that is not an int or is out of range.
+
+    The norms follow torch here, so code that catches torch's ``IndexError`` still works.
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise bad_type(who, "dim", "an int or None", dim)
+    ndim = max(tensor.ndim, 1)
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            f"{who}: dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
+            f"but got {dim}); the tensor has shape {tuple(tensor.shape)}."
+        )

@@ -27,6 +27,30 @@ def default_atol(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
+def gaussian_matrix(
+    shape: torch.Size,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Matrices of shape ``(*, n, k)`` with i.i.d. ``N(0, 1/k)`` entries.
+
+    The scaling keeps the singular values of order 1 whatever the size (for square matrices,
+    the Ginibre ensemble, whose eigenvalues fill the unit disk): a neutral starting point for
+    samples that are then moved onto a set.
+    """
+    G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    return G / math.sqrt(shape[-1])
+
+
+def worst(distances: Tensor) -> Tensor:
+    """The largest of per-matrix (or per-slice) distances, ``0`` for an empty batch.
+
+    What :meth:`Constraint.distance` reports for a batch: the worst member decides membership.
+    """
+    return distances.amax() if distances.numel() else distances.new_zeros(())
+
+
 class Constraint(nn.Module, abc.ABC):
     """Base class of tether's constraints: a parametrization onto a set of tensors.
 

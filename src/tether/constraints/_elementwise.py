@@ -1,24 +1,17 @@
-"""Entrywise constraints (``Positive``, ``Bounded``) and the probability simplex (``Simplex``).
-
-Also the argument and shape checks shared with the vector constraints of ``_sphere.py``.
-"""
+"""Entrywise constraints (``Positive``, ``Bounded``) and the probability simplex (``Simplex``)."""
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
-import operator
 from collections.abc import Callable, Sequence
-from typing import Literal, SupportsIndex, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tether._checks import bad_shape, describe
+from tether._checks import check_slices, choice, int_dim, real_number
 from tether.constraints._base import Constraint, default_atol, register_constraint
-from tether.functional._elementwise import Dim, project_simplex, softplus_inverse
+from tether.functional._elementwise import project_simplex, softplus_inverse
 
 __all__ = ["Bounded", "Positive", "Simplex", "bounded", "positive", "simplex"]
 
@@ -62,7 +55,7 @@ class Positive(Constraint):
 
     def __init__(self, map: Literal["softplus", "exp"] = "softplus") -> None:
         super().__init__()
-        self.map = choice(map, "map", tuple(_POSITIVE_MAPS), "Positive")
+        self.map = choice(map, "map", tuple(_POSITIVE_MAPS), "positive()")
         self._map, self._inverse = _POSITIVE_MAPS[self.map]
 
     def forward(self, X: Tensor) -> Tensor:
@@ -119,11 +112,11 @@ class Bounded(Constraint):
 
     def __init__(self, low: float, high: float) -> None:
         super().__init__()
-        self.low = real_number(low, "low", "Bounded")
-        self.high = real_number(high, "high", "Bounded")
+        self.low = real_number(low, "low", "bounded()")
+        self.high = real_number(high, "high", "bounded()")
         if not self.low < self.high:
             raise ValueError(
-                f"Bounded needs `low` < `high`; got low={self.low!r}, high={self.high!r}. "
+                f"bounded() needs `low` < `high`; got low={self.low!r}, high={self.high!r}. "
                 "Swap them, or widen the interval."
             )
 
@@ -189,7 +182,7 @@ class Simplex(Constraint):
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()
-        self.dim = int_dim(dim, "Simplex")
+        self.dim = int_dim(dim, "simplex()")
 
     def forward(self, X: Tensor) -> Tensor:
         return torch.softmax(X, dim=self.dim)
@@ -248,97 +241,3 @@ def simplex(module: M, name: str = "weight", dim: int = -1) -> M:
         True
     """
     return register_constraint(module, name, Simplex(dim))
-
-
-# Argument and shape checks, shared with _sphere.py.
-
-
-def _got(value: object) -> str:
-    """A short description of a wrong argument: its value if it is a small scalar."""
-    if isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40:
-        return f"{value!r} ({describe(value)})"
-    return describe(value)
-
-
-def real_number(value: object, argument: str, owner: str) -> float:
-    """``value`` as a float if it is a finite real number, else a TypeError or ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: `{argument}` must be a real number; got {_got(value)}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: `{argument}` must be finite; got {value!r}.")
-    return float(value)
-
-
-def positive_number(value: object, argument: str, owner: str) -> float:
-    """``value`` as a float if it is a finite number above 0."""
-    number = real_number(value, argument, owner)
-    if not number > 0:
-        raise ValueError(f"{owner}: `{argument}` must be positive; got {value!r}.")
-    return number
-
-
-def choice(value: object, argument: str, allowed: tuple[str, ...], owner: str) -> str:
-    """``value`` if it is one of the ``allowed`` strings."""
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{owner}: `{argument}` must be one of {', '.join(map(repr, allowed))}; "
-            f"got {_got(value)}."
-        )
-    if value not in allowed:
-        raise ValueError(
-            f"{owner}: `{argument}` must be one of {', '.join(map(repr, allowed))}; got {value!r}."
-        )
-    return value
-
-
-def int_dim(value: object, owner: str) -> int:
-    """``value`` as an int if it is one (not a bool), or an integer type such as numpy's."""
-    if isinstance(value, SupportsIndex) and not isinstance(value, bool):
-        with contextlib.suppress(TypeError):  # a float tensor has __index__, and raises
-            return operator.index(value)
-    raise TypeError(f"{owner}: `dim` must be an int; got {_got(value)}.")
-
-
-def dims(value: object, owner: str) -> Dim:
-    """``value`` as ``None``, an int or a tuple of distinct ints (lists are accepted)."""
-    if value is None:
-        return None
-    if isinstance(value, (tuple, list)) and len(value) > 0:
-        result = tuple(int_dim(d, owner) for d in value)
-        if len(set(result)) < len(result):
-            raise ValueError(f"{owner}: `dim` has a repeated dimension; got {value!r}.")
-        return result
-    try:
-        return int_dim(value, owner)
-    except TypeError:
-        raise TypeError(
-            f"{owner}: `dim` must be None (the whole tensor), an int or a non-empty tuple of "
-            f"ints; got {_got(value)}."
-        ) from None
-
-
-def check_slices(
-    constraint: str,
-    label: str,
-    shape: Sequence[int],
-    dim: Dim,
-    scalar_hint: str = "A scalar has no dimensions; use dim=None for the whole tensor.",
-) -> None:
-    """Raise ``bad_shape`` unless ``shape`` is non-empty and has every dimension in ``dim``."""
-    if math.prod(shape) == 0:
-        raise bad_shape(constraint, label, shape, "a non-empty tensor")
-    if dim is None:
-        return
-    ndim = len(shape)
-    wanted = (dim,) if isinstance(dim, int) else dim
-    if not all(-ndim <= d < ndim for d in wanted):
-        needs = f"a tensor with dim={dim!r}"
-        if ndim == 0:
-            hint = scalar_hint
-        else:
-            hint = f"Valid dims for {ndim} dimensions: {-ndim} to {ndim - 1}."
-        raise bad_shape(constraint, label, shape, needs, hint)
-    if len({d % ndim for d in wanted}) < len(wanted):
-        raise bad_shape(
-            constraint, label, shape, f"distinct dims, not {dim!r}", "Two name the same dimension."
-        )

@@ -1,5 +1,4 @@
-"""Square and rectangular matrix groups and their relatives: GL+(n), SL(n), almost-orthogonal
-matrices and stable (Hurwitz) matrices."""
+"""Invertible matrices and their relatives: GL+(n), SL(n) and almost-orthogonal matrices."""
 
 from __future__ import annotations
 
@@ -10,19 +9,18 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from tether._checks import bad_shape, describe
-from tether.constraints._base import Constraint, default_atol, register_constraint
+from tether._checks import bad_type, bad_value, check_square
+from tether.constraints._base import Constraint, gaussian_matrix, register_constraint, worst
+
+# Re-exported: tether and tether.constraints import Hurwitz and hurwitz from this module.
+from tether.constraints._hurwitz import Hurwitz as Hurwitz
+from tether.constraints._hurwitz import hurwitz as hurwitz
 from tether.constraints._low_rank import _Factored, has_numerical_rank
 from tether.functional import (
-    dissipative,
-    dissipative_inverse,
     factored,
-    log_cholesky,
-    log_cholesky_inverse,
     orthonormalize,
     positive_triangular,
     positive_triangular_inverse,
-    solve_lyapunov,
     special_orthonormalize,
 )
 
@@ -50,16 +48,6 @@ M = TypeVar("M", bound=nn.Module)
 #     along its smallest singular direction, X - 2 σₙ uₙ vₙᵀ, which keeps every singular value
 #     (so a well-conditioned initialisation stays one), flips the sign of det and lies 2 σₙ
 #     away (twice the distance to the set). A singular X has no such reflection: ValueError.
-
-
-def _worst(distances: Tensor) -> Tensor:
-    """The largest of per-matrix distances, 0 for an empty batch."""
-    return distances.amax() if distances.numel() else distances.new_zeros(())
-
-
-def _check_square(owner: str, label: str, shape: Sequence[int], hint: str = "") -> None:
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        raise bad_shape(owner, label, shape, "a square matrix or a batch of square matrices", hint)
 
 
 def _reflect_negative(X: Tensor, sign: Tensor) -> Tensor:
@@ -161,8 +149,7 @@ class Invertible(Constraint):
         """I.i.d. ``N(0, 1/n)`` entries, conditioned on ``det > 0`` (first row negated)."""
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
-        G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
-        G = G / math.sqrt(shape[-1])
+        G = gaussian_matrix(shape, dtype, device, generator)
         sign = torch.where(torch.linalg.det(G) < 0, -1.0, 1.0).to(G.dtype)
         G[..., 0, :] *= sign.unsqueeze(-1)
         return G
@@ -171,14 +158,14 @@ class Invertible(Constraint):
         """The Frobenius distance to GL+(n)'s closure: ``σₙ(X)`` where ``det X <= 0``, else 0."""
         sign = torch.linalg.slogdet(X).sign
         smallest = torch.linalg.svdvals(X)[..., -1]
-        return _worst(torch.where(sign > 0, torch.zeros_like(smallest), smallest))
+        return worst(torch.where(sign > 0, torch.zeros_like(smallest), smallest))
 
     def in_manifold(self, X: Tensor, atol: float | None = None) -> bool:
         """``distance(X) <= atol`` and full numerical rank: ``σₙ > n · eps · σ₁``."""
         return super().in_manifold(X, atol) and has_numerical_rank(X, X.shape[-1])
 
     def check_shape(self, shape: torch.Size, label: str) -> None:
-        _check_square(self._owner, label, shape)
+        check_square(self._owner, label, shape)
 
 
 class SpecialLinear(Invertible):
@@ -233,7 +220,7 @@ class SpecialLinear(Invertible):
     def distance(self, X: Tensor) -> Tensor:
         """``|log det X|`` where ``det X > 0``, ``inf`` where ``det X <= 0``."""
         sign, logabsdet = torch.linalg.slogdet(X)
-        return _worst(torch.where(sign > 0, logabsdet.abs(), torch.full_like(logabsdet, math.inf)))
+        return worst(torch.where(sign > 0, logabsdet.abs(), torch.full_like(logabsdet, math.inf)))
 
 
 class AlmostOrthogonal(_Factored):
@@ -317,126 +304,6 @@ class AlmostOrthogonal(_Factored):
         return f"lam={self.lam}"
 
 
-class Hurwitz(Constraint):
-    """Stable matrices: every eigenvalue has a negative real part, as ``(J - R) P``.
-
-    The set is ``{A : Re λ < 0 for every eigenvalue λ of A}`` for square weights of shape
-    ``(*, n, n)``: the matrices for which ``dx/dt = A x`` decays to 0 from any start. The map
-    is the port-Hamiltonian form ``A = (J - R) P`` with ``J`` skew-symmetric, ``R`` and ``P``
-    positive definite: ``V(x) = xᵀ P x`` decreases along every trajectory, so ``A`` is stable,
-    and every stable ``A`` is reached (take ``P⁻¹`` the solution of ``A X + X Aᵀ = -2I``,
-    then ``R = I`` and ``J = (A X - X Aᵀ) / 2``). ``J - R`` is
-    :func:`tether.functional.dissipative` of ``original0`` and ``P`` is
-    :func:`tether.functional.log_cholesky` of ``original1`` (lower triangle used). Choose it
-    for linear state-space layers and learned dynamics that must not blow up; the eigenvalues
-    are free inside the half-plane, unlike a diagonal or normal parametrization.
-
-    ``right_inverse`` sets any member exactly, up to the accuracy of the Lyapunov solve
-    (:func:`tether.functional.solve_lyapunov`, in float64), which degrades as eigenvalues
-    approach the imaginary axis. A non-member raises ``ValueError``: the nearest stable
-    matrix has no closed form (a hard, non-convex problem), so a fresh ``nn.Linear`` weight,
-    rarely stable, must first be replaced by a member, e.g. from :meth:`sample`.
-    :meth:`distance` is the excess spectral abscissa ``max(0, max Re λ)`` (the spectral-norm
-    distance to the closure for normal matrices, an upper bound otherwise). Samples are
-    Ginibre matrices (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa ``-1``.
-
-    Raises:
-        ValueError: at registration or assignment, the tensor is not square, a matrix is not
-            Hurwitz, or it is too close to the imaginary axis to be set accurately.
-
-    References:
-        Port-Hamiltonian systems: an introductory overview. Arjan van der Schaft, Dimitri
-        Jeltsema, 2014. https://doi.org/10.1561/2600000002
-
-    Example:
-        >>> import torch, tether
-        >>> layer = torch.nn.Linear(4, 4)
-        >>> with torch.no_grad():
-        ...     _ = layer.weight.copy_(tether.constraints.Hurwitz().sample((4, 4)))
-        >>> layer = tether.hurwitz(layer)
-        >>> bool(torch.linalg.eigvals(layer.weight).real.max() < 0)
-        True
-    """
-
-    _owner = "hurwitz()"
-
-    def forward(self, Y: Tensor, Z: Tensor) -> Tensor:  # type: ignore[override]  # two originals
-        return dissipative(Y) @ log_cholesky(Z)
-
-    @torch.no_grad()
-    def right_inverse(self, A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
-        self.check_shape(A.shape, "the assigned value")
-        abscissa = float(self._abscissa(A).max()) if A.numel() else -1.0
-        if not abscissa < 0:
-            raise ValueError(
-                f"{self._owner}: the assigned value is not Hurwitz: an eigenvalue has real part "
-                f"{abscissa:.2e} (members need < 0; membership tolerance "
-                f"{default_atol(A.dtype):.2e}). No nearest stable matrix can be computed; assign "
-                "a member first, e.g. A - (a + 1) I with a the largest real part, or "
-                "tether.constraints.Hurwitz().sample(shape)."
-            )
-        A64 = A.to(torch.float64)
-        n = A.shape[-1]
-        eye = torch.eye(n, dtype=torch.float64, device=A.device)
-        try:
-            X = solve_lyapunov(A64, -2 * eye)  # A X + X Aᵀ = -2I, X positive definite
-        except ValueError:
-            raise self._inaccurate(A, math.inf) from None
-        L, info = torch.linalg.cholesky_ex((X + X.mT) / 2)
-        if bool((info != 0).any()):
-            raise self._inaccurate(A, math.inf)
-        P = torch.cholesky_inverse(L)
-        # (J - R) P = (c J - c I)(P / c) for any c > 0: pick the c giving R and P the same
-        # mean eigenvalue, so that neither factor starts much larger than the other.
-        c = (P.diagonal(dim1=-2, dim2=-1).mean(dim=-1) ** 0.5)[..., None, None]
-        originals = dissipative_inverse(c * (A64 @ X)), log_cholesky_inverse(P / c)
-        error = float((self(*originals) - A64).abs().max())
-        scale = max(float(A64.abs().max()), 1.0)
-        if not error <= default_atol(A.dtype) * scale:
-            raise self._inaccurate(A, error / scale)
-        return originals[0].to(A.dtype), originals[1].to(A.dtype)
-
-    def _inaccurate(self, A: Tensor, error: float) -> ValueError:
-        return ValueError(
-            f"{self._owner}: the assigned value is Hurwitz but too close to the imaginary axis "
-            f"to be set accurately (largest real part of an eigenvalue "
-            f"{float(self._abscissa(A).max()):.2e}, relative reconstruction error {error:.2e}, "
-            f"tolerance {default_atol(A.dtype):.2e}). Shift it left, e.g. A - t I with t > 0."
-        )
-
-    @staticmethod
-    def _abscissa(A: Tensor) -> Tensor:
-        """The spectral abscissa ``max Re λ`` of each matrix."""
-        return torch.linalg.eigvals(A).real.amax(dim=-1)
-
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """A Ginibre matrix (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa -1."""
-        shape = torch.Size(shape)
-        self.check_shape(shape, "the sample")
-        G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
-        G = G / math.sqrt(shape[-1])
-        if G.numel() == 0:
-            return G
-        shift = (self._abscissa(G) + 1).to(G.dtype)[..., None, None]
-        return G - shift * torch.eye(shape[-1], dtype=G.dtype, device=G.device)
-
-    def distance(self, X: Tensor) -> Tensor:
-        """The excess spectral abscissa ``max(0, max Re λ)`` (the worst over a batch)."""
-        if X.numel() == 0:
-            return X.new_zeros(())
-        return _worst(self._abscissa(X).clamp_min(0).to(X.dtype))
-
-    def check_shape(self, shape: torch.Size, label: str) -> None:
-        _check_square(self._owner, label, shape)
-
-
 def invertible(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to invertible matrices with ``det > 0`` (:class:`Invertible`).
 
@@ -482,23 +349,9 @@ def almost_orthogonal(module: M, name: str = "weight", *, lam: float = 0.1) -> M
     return register_constraint(module, name, AlmostOrthogonal(lam))
 
 
-def hurwitz(module: M, name: str = "weight") -> M:
-    """Constrain ``module.<name>`` to stable (Hurwitz) matrices (:class:`Hurwitz`).
-
-    The tensor must already be Hurwitz: there is no projection onto the set.
-
-    Returns:
-        ``module``.
-
-    Raises:
-        ValueError: the tensor is not square (or a batch of square matrices), or not Hurwitz.
-    """
-    return register_constraint(module, name, Hurwitz())
-
-
 def _radius(lam: object, owner: str) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"{owner}: `lam` must be a real number in (0, 1]; got {describe(lam)}.")
+        raise bad_type(owner, "lam", "a real number in (0, 1]", lam)
     if not 0 < lam <= 1:
-        raise ValueError(f"{owner}: `lam` must be in (0, 1]; got {lam!r}.")
+        raise bad_value(owner, "lam", "in (0, 1]", lam)
     return float(lam)

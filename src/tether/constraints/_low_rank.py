@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tether._checks import bad_shape, describe
-from tether.constraints._base import Constraint, register_constraint
+from tether._checks import bad_shape, bad_type, bad_value
+from tether.constraints._base import Constraint, gaussian_matrix, register_constraint
 from tether.functional import factored, orthonormalize, softplus_inverse, truncated_svd
 
 __all__ = ["FixedRank", "LowRank", "fixed_rank", "low_rank"]
@@ -42,7 +42,7 @@ M = TypeVar("M", bound=nn.Module)
 class _Factored(Constraint):
     """``U diag(g(s)) Vᵀ``: see Note [Factored constraints]. Subclasses choose ``r`` and ``g``."""
 
-    _owner: str = "low_rank()"
+    _owner: str  # the registering function, which starts error messages
 
     @abc.abstractmethod
     def _rank(self, shape: Sequence[int]) -> int:
@@ -149,13 +149,13 @@ class LowRank(_Factored):
         """The best rank ``r`` approximation of a matrix with i.i.d. ``N(0, 1/k)`` entries."""
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
-        G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        G = gaussian_matrix(shape, dtype, device, generator)
         with torch.no_grad():
-            return self(*self.right_inverse(G / math.sqrt(shape[-1])))
+            return self(*self.right_inverse(G))
 
     def check_shape(self, shape: torch.Size, label: str) -> None:
         super().check_shape(shape, label)
-        _check_rank(self._owner, label, shape, self.rank)
+        _check_rank_fits(self._owner, label, shape, self.rank)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
@@ -281,21 +281,22 @@ def has_numerical_rank(X: Tensor, rank: int) -> bool:
 
 def _rank_argument(rank: object, owner: str) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"{owner}: `rank` must be a positive int; got {describe(rank)}.")
+        raise bad_type(owner, "rank", "a positive int", rank)
     if rank < 1:
-        raise ValueError(f"{owner}: `rank` must be a positive int; got {rank}.")
+        raise bad_value(owner, "rank", "a positive int", rank)
     return rank
 
 
 def _positive_float(value: object, argument: str, owner: str) -> float:
+    # Unlike _checks.positive_number, one message for 0 and inf alike ("positive and finite").
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: `{argument}` must be a real number; got {describe(value)}.")
+        raise bad_type(owner, argument, "a real number", value)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}: `{argument}` must be positive and finite; got {value!r}.")
+        raise bad_value(owner, argument, "positive and finite", value)
     return float(value)
 
 
-def _check_rank(owner: str, label: str, shape: Sequence[int], rank: int) -> None:
+def _check_rank_fits(owner: str, label: str, shape: Sequence[int], rank: int) -> None:
     if rank > min(shape[-2:]):
         raise bad_shape(
             owner,

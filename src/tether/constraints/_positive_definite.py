@@ -8,9 +8,8 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from tether._checks import bad_shape
-from tether.constraints._base import Constraint, register_constraint
-from tether.constraints._symmetric import check_square, worst
+from tether._checks import bad_shape, bad_type, bad_value, check_square
+from tether.constraints._base import Constraint, register_constraint, worst
 from tether.functional import (
     fixed_rank_psd,
     fixed_rank_psd_factors,
@@ -91,19 +90,16 @@ def _has_positive_eigenvalues(X: Tensor, count: int) -> bool:
     return bool((L[..., -count] > tolerance).all())
 
 
-def _check_rank(constraint: str, rank: object) -> int:
+def _rank_argument(rank: object, owner: str) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"{constraint}: `rank` must be an int; got {type(rank).__name__}.")
+        raise bad_type(owner, "rank", "an int", rank)
     if rank < 1:
-        raise ValueError(
-            f"{constraint}: `rank` must be at least 1 (and at most n for an n x n weight); "
-            f"got {rank}."
-        )
+        raise bad_value(owner, "rank", "at least 1 (and at most n for an n x n weight)", rank)
     return rank
 
 
-def _check_square_of_rank(constraint: str, shape: Sequence[int], label: str, rank: int) -> None:
-    check_square(constraint, shape, label)
+def _check_square_of_rank(constraint: str, label: str, shape: Sequence[int], rank: int) -> None:
+    check_square(constraint, label, shape)
     if shape[-1] < rank:
         raise bad_shape(
             constraint,
@@ -164,11 +160,9 @@ class PositiveDefinite(Constraint):
 
     def __init__(self, map: PositiveDefiniteMap = "matrix_exp") -> None:
         super().__init__()
-        if map not in _MAPS:
-            raise ValueError(
-                f"positive_definite(): `map` must be one of "
-                f"{', '.join(repr(m) for m in _MAPS)}; got {map!r}."
-            )
+        if map not in _MAPS:  # a ValueError whatever the type, as documented
+            needs = f"one of {', '.join(repr(m) for m in _MAPS)}"
+            raise bad_value("positive_definite()", "map", needs, map)
         self.map = map
         self._map, self._inverse = _MAPS[map]
 
@@ -192,7 +186,7 @@ class PositiveDefinite(Constraint):
 
         Its eigenvalues spread over about ``[0.09, 2.9]`` (Marchenko-Pastur).
         """
-        self.check_shape(shape, "sample()")
+        self.check_shape(shape, "the sample")
         return _sample(shape, shape[-1], dtype, device, generator)
 
     def distance(self, X: Tensor) -> Tensor:
@@ -204,7 +198,7 @@ class PositiveDefinite(Constraint):
         return super().in_manifold(X, atol) and _has_positive_eigenvalues(X, X.shape[-1])
 
     def check_shape(self, shape: Sequence[int], label: str) -> None:
-        check_square("positive_definite()", shape, label)
+        check_square("positive_definite()", label, shape)
 
     def extra_repr(self) -> str:
         return f"map={self.map!r}"
@@ -257,7 +251,7 @@ class PositiveSemidefinite(Constraint):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """A Wishart matrix ``G Gᴴ / 2n`` with ``G`` a standard Gaussian ``n x 2n``."""
-        self.check_shape(shape, "sample()")
+        self.check_shape(shape, "the sample")
         return _sample(shape, shape[-1], dtype, device, generator)
 
     def distance(self, X: Tensor) -> Tensor:
@@ -265,10 +259,45 @@ class PositiveSemidefinite(Constraint):
         return _psd_distance(X)
 
     def check_shape(self, shape: Sequence[int], label: str) -> None:
-        check_square("positive_semidefinite()", shape, label)
+        check_square("positive_semidefinite()", label, shape)
 
 
-class PSDLowRank(Constraint):
+class _PSDOfRank(Constraint):
+    """What :class:`PSDLowRank` and :class:`PSDFixedRank` share: all but the map."""
+
+    _function: str  # the registering function; messages add the rank: psd_low_rank(rank=2)
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = _rank_argument(rank, f"{self._function}()")
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``Q H Hᴴ Qᴴ / 2r``: ``Q`` uniform ``n x r`` orthonormal, ``H`` Gaussian ``r x 2r``."""
+        self.check_shape(shape, "the sample")
+        return _sample(shape, self.rank, dtype, device, generator)
+
+    def distance(self, X: Tensor) -> Tensor:
+        """The Frobenius distance to the PSD matrices of rank at most ``rank``.
+
+        That is the set of :class:`PSDLowRank`, and the closure of that of :class:`PSDFixedRank`.
+        """
+        return _psd_distance(X, self.rank)
+
+    def check_shape(self, shape: Sequence[int], label: str) -> None:
+        _check_square_of_rank(f"{self._function}(rank={self.rank})", label, shape, self.rank)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
+class PSDLowRank(_PSDOfRank):
     """Positive semidefinite matrices of rank at most ``rank``.
 
     The set is ``{X : X = Xᴴ, λ_min(X) >= 0, rank X <= r}`` of shape ``(*, n, n)``, reached as
@@ -304,9 +333,7 @@ class PSDLowRank(Constraint):
         2
     """
 
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.rank = _check_rank("psd_low_rank()", rank)
+    _function = "psd_low_rank"
 
     def forward(self, X: Tensor) -> Tensor:
         return gram(X)
@@ -316,30 +343,8 @@ class PSDLowRank(Constraint):
         self.check_shape(X.shape, "the assigned value")
         return gram_factor(X, self.rank)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """``Q H Hᴴ Qᴴ / 2r``: ``Q`` uniform ``n x r`` orthonormal, ``H`` Gaussian ``r x 2r``."""
-        self.check_shape(shape, "sample()")
-        return _sample(shape, self.rank, dtype, device, generator)
 
-    def distance(self, X: Tensor) -> Tensor:
-        """The Frobenius distance to the set (to the projection described above)."""
-        return _psd_distance(X, self.rank)
-
-    def check_shape(self, shape: Sequence[int], label: str) -> None:
-        _check_square_of_rank(f"psd_low_rank(rank={self.rank})", shape, label, self.rank)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}"
-
-
-class PSDFixedRank(Constraint):
+class PSDFixedRank(_PSDOfRank):
     """Positive semidefinite matrices of rank exactly ``rank``.
 
     The set is ``{X : X = Xᴴ, λ_min(X) >= 0, rank X = r}`` of shape ``(*, n, n)``, reached as
@@ -382,9 +387,7 @@ class PSDFixedRank(Constraint):
         2
     """
 
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.rank = _check_rank("psd_fixed_rank()", rank)
+    _function = "psd_fixed_rank"
 
     def forward(self, X: Tensor) -> Tensor:
         return fixed_rank_psd(X[..., :-1, :], X[..., -1, :].real)
@@ -395,31 +398,9 @@ class PSDFixedRank(Constraint):
         Q, s = fixed_rank_psd_factors(X, self.rank)
         return torch.cat([Q, s.unsqueeze(-2).to(Q.dtype)], dim=-2)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """``Q H Hᴴ Qᴴ / 2r``: ``Q`` uniform ``n x r`` orthonormal, ``H`` Gaussian ``r x 2r``."""
-        self.check_shape(shape, "sample()")
-        return _sample(shape, self.rank, dtype, device, generator)
-
-    def distance(self, X: Tensor) -> Tensor:
-        """The Frobenius distance to the closure of the set, PSD of rank at most ``rank``."""
-        return _psd_distance(X, self.rank)
-
     def in_manifold(self, X: Tensor, atol: float | None = None) -> bool:
         """``distance(X) <= atol`` and ``rank`` eigenvalues above ``n · eps · max|λ|``."""
         return super().in_manifold(X, atol) and _has_positive_eigenvalues(X, self.rank)
-
-    def check_shape(self, shape: Sequence[int], label: str) -> None:
-        _check_square_of_rank(f"psd_fixed_rank(rank={self.rank})", shape, label, self.rank)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}"
 
 
 def positive_definite(

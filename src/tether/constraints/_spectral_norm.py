@@ -11,163 +11,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tether._checks import bad_shape, describe, where
+from tether._checks import bad_shape, bad_type, bad_value, check_dim, describe, where
 from tether.constraints._base import Constraint, register_constraint
-from tether.constraints._weight_norm import add_load_hook, check_dim, first_parametrization
+from tether.constraints._conv_operator import (
+    CONV_LAYERS,
+    CONV_TRANSPOSE_LAYERS,
+    ConvLayer,
+    ConvOperator,
+    conv_operator,
+    operator_norm,
+)
+from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
 from tether.functional import largest_singular_value, power_iteration, singular_value_estimate
 
 __all__ = ["SpectralNorm", "spectral_norm"]
 
 M = TypeVar("M", bound=nn.Module)
-ConvLayer = (
-    nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
-)
 
 # torch runs this many steps of the power method at registration, so that u and v start near
 # the top singular vectors; we do the same, which keeps the buffers equal to torch's.
 _WARMUP_ITERATIONS = 15
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def _normalize(x: Tensor, eps: float) -> Tensor:
-    return x / x.norm().clamp_min(eps)
-
-
-class _ConvOperator:
-    """The linear map ``x -> conv(x, weight)`` of a convolution layer (bias left out).
-
-    It acts on inputs of one shape ``(C, *spatial)``; :meth:`apply` and :meth:`adjoint` take
-    a leading batch dimension. Subclasses fix the layer's kind; only hyperparameters are kept
-    (never the layer, which owns this object through its parametrization).
-    """
-
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-
-    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def power_iteration(
-        self, weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
-    ) -> tuple[Tensor, Tensor]:
-        """The steps of :func:`tether.functional.power_iteration`, through the layer."""
-        for _ in range(n_power_iterations):
-            u = _normalize(self.apply(v[None], weight)[0], eps)
-            v = _normalize(self.adjoint(u[None], weight)[0], eps)
-        return u, v
-
-    def estimate(self, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
-        return torch.vdot(u.flatten(), self.apply(v[None], weight).flatten())
-
-    def matrix(self, weight: Tensor) -> Tensor:
-        """The operator as a dense ``(output size, input size)`` matrix (small inputs only)."""
-        n = math.prod(self.input_shape)
-        basis = torch.eye(n, dtype=weight.dtype, device=weight.device)
-        return self.apply(basis.view(n, *self.input_shape), weight).reshape(n, -1).mT
-
-
-class _Conv(_ConvOperator):
-    """``x -> conv(pad(x), weight)``: the zero padding is explicit, so its adjoint is a crop."""
-
-    def __init__(
-        self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, input_shape: tuple[int, ...]
-    ) -> None:
-        kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
-        self.nd, self.groups = len(kernel), conv.groups
-        self.stride, self.dilation = stride, dilation
-        pads = [_padding(conv, i) for i in range(self.nd)]
-        spatial = input_shape[1:]
-        padded = [s + left + right for s, (left, right) in zip(spatial, pads, strict=True)]
-        reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
-        out = [(p - r) // s + 1 for p, r, s in zip(padded, reach, stride, strict=True)]
-        if min(p - r for p, r in zip(padded, reach, strict=True)) < 0:
-            raise ValueError(
-                f"input_shape {input_shape} is smaller than the kernel's reach {tuple(reach)}."
-            )
-        self.pad = tuple(amount for pair in reversed(pads) for amount in pair)  # F.pad's order
-        self.output_padding = tuple(
-            p - ((o - 1) * s + r) for p, o, s, r in zip(padded, out, stride, reach, strict=True)
-        )
-        self.crop = (
-            slice(None),
-            slice(None),
-            *(slice(left, left + s) for s, (left, _) in zip(spatial, pads, strict=True)),
-        )
-        self.input_shape = input_shape
-        self.output_shape = (conv.out_channels, *out)
-
-    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        x = F.pad(x, self.pad)
-        return _CONV[self.nd](x, weight, None, self.stride, 0, self.dilation, self.groups)
-
-    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
-        conv_t = _CONV_TRANSPOSE[self.nd]
-        x = conv_t(y, weight, None, self.stride, 0, self.output_padding, self.groups, self.dilation)
-        return x[self.crop]
-
-
-class _ConvTranspose(_ConvOperator):
-    """``x -> conv_transpose(x, weight)``, whose adjoint is the convolution."""
-
-    def __init__(
-        self,
-        conv: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d,
-        input_shape: tuple[int, ...],
-    ) -> None:
-        self.nd, self.stride, self.dilation = len(conv.kernel_size), conv.stride, conv.dilation
-        # Transposed convolutions take no string padding; the ints make that plain to mypy.
-        self.padding = tuple(int(p) for p in conv.padding)
-        self.output_padding = conv.output_padding
-        self.groups = conv.groups
-        out = [
-            (i - 1) * s - 2 * p + d * (k - 1) + o + 1
-            for i, s, p, d, k, o in zip(
-                input_shape[1:],
-                conv.stride,
-                self.padding,
-                conv.dilation,
-                conv.kernel_size,
-                conv.output_padding,
-                strict=True,
-            )
-        ]
-        if min(out) < 1:
-            raise ValueError(f"input_shape {input_shape} gives an empty output {tuple(out)}.")
-        self.input_shape = input_shape
-        self.output_shape = (conv.out_channels, *out)
-        # With output_padding >= stride (allowed when dilation > stride), the convolution of
-        # an output has one more position than the input; that row is outside the operator.
-        self.crop = (slice(None), slice(None), *(slice(0, s) for s in input_shape[1:]))
-
-    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        conv_t = _CONV_TRANSPOSE[self.nd]
-        stride, padding, dilation = self.stride, self.padding, self.dilation
-        return conv_t(x, weight, None, stride, padding, self.output_padding, self.groups, dilation)
-
-    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
-        x = _CONV[self.nd](y, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return x[self.crop]
-
-
-def _padding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, i: int) -> tuple[int, int]:
-    """The (left, right) zero padding of spatial dimension ``i``, as the layer applies it."""
-    if conv.padding == "valid":
-        return 0, 0
-    if conv.padding == "same":  # torch puts the odd extra on the right
-        total = conv.dilation[i] * (conv.kernel_size[i] - 1)
-        return total // 2, total - total // 2
-    amount = int(conv.padding[i])
-    return amount, amount
-
-
-def _operator_norm(operator: _ConvOperator, X: Tensor) -> Tensor:
-    return largest_singular_value(operator.matrix(X))
 
 
 def _divide(X: Tensor, sigma: Tensor) -> Tensor:
@@ -194,30 +57,27 @@ def _check_arguments(
     exact: bool,
     conv: ConvLayer | None,
     input_shape: Sequence[int] | None,
-) -> _ConvOperator | None:
+) -> ConvOperator | None:
     """Raise a ValueError, TypeError or IndexError naming the first bad argument.
 
     Returns the convolution operator when ``conv`` is given.
     """
     who = f"{function} on {label}"
     if not isinstance(n_power_iterations, int) or isinstance(n_power_iterations, bool):
-        raise TypeError(
-            f"{who}: `n_power_iterations` must be an int; got {describe(n_power_iterations)}."
-        )
-    if n_power_iterations <= 0:
+        raise bad_type(who, "n_power_iterations", "an int", n_power_iterations)
+    if n_power_iterations <= 0:  # torch's wording
         raise ValueError(
             f"{who}: expected `n_power_iterations` to be positive, but got "
             f"n_power_iterations={n_power_iterations}."
         )
+    # One ValueError for eps and bound, of the wrong type or out of range alike.
     if not _is_real_number(eps) or not 0 < eps < math.inf:
-        raise ValueError(f"{who}: `eps` must be a positive float; got {eps!r}.")
+        raise bad_value(who, "eps", "a positive float", eps)
     if bound is not None and (not _is_real_number(bound) or not 0 < bound < math.inf):
-        raise ValueError(
-            f"{who}: `bound` must be None or a positive float (the largest singular value "
-            f"allowed); got {bound!r}."
-        )
+        needs = "None or a positive float (the largest singular value allowed)"
+        raise bad_value(who, "bound", needs, bound)
     if not isinstance(exact, bool):
-        raise TypeError(f"{who}: `exact` must be a bool; got {describe(exact)}.")
+        raise bad_type(who, "exact", "a bool", exact)
     if weight.ndim == 0:
         raise bad_shape(function, label, weight.shape, "at least one dimension")
     check_dim(dim, weight, who)
@@ -228,49 +88,7 @@ def _check_arguments(
                 "(conv_operator=True); drop it or pass conv_operator=True."
             )
         return None
-    if not isinstance(conv, _CONVS + _CONV_TRANSPOSES):
-        raise ValueError(
-            f"{who}: the convolution operator needs a layer nn.Conv1d/2d/3d or "
-            f"nn.ConvTranspose1d/2d/3d; got {type(conv).__name__}. Without conv_operator, "
-            "the reshaped weight is normalized."
-        )
-    if conv.padding_mode != "zeros":
-        raise ValueError(
-            f"{who}: the convolution operator supports padding_mode='zeros'; the layer has "
-            f"padding_mode={conv.padding_mode!r}."
-        )
-    # From the hyperparameters: reading conv.weight would evaluate its parametrizations.
-    channels = (conv.in_channels, conv.out_channels)
-    if isinstance(conv, _CONV_TRANSPOSES):
-        kernel_shape = (channels[0], channels[1] // conv.groups, *conv.kernel_size)
-    else:
-        kernel_shape = (channels[1], channels[0] // conv.groups, *conv.kernel_size)
-    if tuple(weight.shape) != kernel_shape:
-        raise bad_shape(function, label, weight.shape, f"the layer's kernel shape {kernel_shape}")
-    nd = len(conv.kernel_size)
-    example = "(C, " + {1: "L", 2: "H, W", 3: "D, H, W"}[nd] + ")"
-    if input_shape is None:
-        raise ValueError(
-            f"{who}: the convolution operator needs `input_shape`, the shape {example} of "
-            f"one input to the layer (without the batch dimension), e.g. "
-            f"input_shape={(conv.in_channels, *[32] * nd)}."
-        )
-    shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
-    if (
-        len(shape) != nd + 1
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
-        or shape[0] != conv.in_channels
-    ):
-        raise ValueError(
-            f"{who}: `input_shape` must be {example}: {nd + 1} positive ints starting with "
-            f"the layer's in_channels={conv.in_channels}; got {input_shape!r}."
-        )
-    try:
-        if isinstance(conv, _CONV_TRANSPOSES):
-            return _ConvTranspose(conv, shape)
-        return _Conv(conv, shape)
-    except ValueError as error:
-        raise ValueError(f"{who}: {error}") from None
+    return conv_operator(function, label, weight, conv, input_shape)
 
 
 class SpectralNorm(Constraint):
@@ -379,7 +197,7 @@ class SpectralNorm(Constraint):
         self._exact_sigma: Callable[[Tensor], Tensor]
         with torch.no_grad():
             if operator is not None:
-                self._exact_sigma = functools.partial(_operator_norm, operator)
+                self._exact_sigma = functools.partial(operator_norm, operator)
                 if exact:
                     self._sigma = self._exact_sigma
                 else:
@@ -429,7 +247,7 @@ class SpectralNorm(Constraint):
         u, v = self._frozen_vectors()
         return singular_value_estimate(W, u, v)
 
-    def _operator_estimate(self, operator: _ConvOperator, X: Tensor) -> Tensor:
+    def _operator_estimate(self, operator: ConvOperator, X: Tensor) -> Tensor:
         if self.training:
             with torch.no_grad():
                 u, v = operator.power_iteration(
@@ -567,10 +385,10 @@ def spectral_norm(
             f"{describe(weight)})."
         )
     if not isinstance(conv_operator, bool):
-        raise TypeError(f"{caller}: `conv_operator` must be a bool; got {describe(conv_operator)}.")
+        raise bad_type(caller, "conv_operator", "a bool", conv_operator)
     conv: Any = None
     if conv_operator:
-        if not isinstance(module, _CONVS + _CONV_TRANSPOSES):
+        if not isinstance(module, CONV_LAYERS):
             raise ValueError(
                 f"{caller}: conv_operator=True needs a convolution layer (nn.Conv1d/2d/3d, "
                 f"nn.ConvTranspose1d/2d/3d); got {type(module).__name__}. Drop conv_operator "
@@ -583,7 +401,7 @@ def spectral_norm(
             )
         conv = module
     if dim is None:
-        dim = 1 if isinstance(module, _CONV_TRANSPOSES) else 0
+        dim = 1 if isinstance(module, CONV_TRANSPOSE_LAYERS) else 0
     _check_arguments(
         "spectral_norm()",
         label,
@@ -618,8 +436,9 @@ def _load_legacy_spectral_norm(
     prefix: str,
     *args: Any,
 ) -> None:
-    """Rename ``weight_orig``, ``weight_u``, ``weight_v`` (Note [Loading the checkpoints ...]).
+    """Rename ``weight_orig``, ``weight_u``, ``weight_v`` to the parametrization's keys.
 
+    See Note [Loading the checkpoints of torch's hook-based norms] in ``_legacy_checkpoints``.
     The vectors are kept only where they mean the same as torch's: a power method on the
     reshaped matrix. Exact, vector and convolution-operator normalizations drop them.
     """

@@ -9,9 +9,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from tether._checks import where
+from tether._checks import check_slices, dims, positive_number, where
 from tether.constraints._base import Constraint, default_atol, register_constraint
-from tether.constraints._elementwise import check_slices, dims, positive_number
 from tether.functional._elementwise import Dim, poincare_exp, poincare_log, project_sphere
 
 __all__ = ["PoincareBall", "Sphere", "poincare_ball", "sphere"]
@@ -58,14 +57,14 @@ class Sphere(Constraint):
 
     def __init__(self, radius: float = 1.0, *, dim: Dim = None) -> None:
         super().__init__()
-        self.radius = positive_number(radius, "radius", "Sphere")
-        self.dim = dims(dim, "Sphere")
+        self.radius = positive_number(radius, "radius", "sphere()")
+        self.dim = dims(dim, "sphere()")
 
     def forward(self, X: Tensor) -> Tensor:
         return project_sphere(X, self.radius, self.dim)
 
     def right_inverse(self, X: Tensor) -> Tensor:
-        self._check_projectable(X, "X")
+        self._check_projectable(X, "the assigned value")
         return X / torch.linalg.vector_norm(X, dim=self.dim, keepdim=True)
 
     def sample(
@@ -149,8 +148,8 @@ class PoincareBall(Constraint):
 
     def __init__(self, c: float = 1.0, *, dim: Dim = -1) -> None:
         super().__init__()
-        self.c = positive_number(c, "c", "PoincareBall")
-        self.dim = dims(dim, "PoincareBall")
+        self.c = positive_number(c, "c", "poincare_ball()")
+        self.dim = dims(dim, "poincare_ball()")
 
     def forward(self, X: Tensor) -> Tensor:
         return poincare_exp(X, self.c, self.dim)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from tether._checks import bad_shape
-from tether.constraints._base import Constraint, register_constraint
+from tether._checks import check_square
+from tether.constraints._base import Constraint, register_constraint, worst
 from tether.functional import skew_part, symmetric_part
 
 __all__ = ["Skew", "Symmetric", "skew", "symmetric"]
@@ -17,25 +18,49 @@ __all__ = ["Skew", "Symmetric", "skew", "symmetric"]
 M = TypeVar("M", bound=nn.Module)
 
 
-def check_square(constraint: str, shape: Sequence[int], label: str) -> None:
-    """Raise ``bad_shape`` unless ``shape`` is ``(*, n, n)``; shared by the symmetric family."""
-    if len(shape) < 2 or shape[-2] != shape[-1]:
-        hint = "Leading dimensions are batch dimensions; the last two must be equal."
-        raise bad_shape(
-            constraint,
-            label,
-            shape,
-            "a square matrix or a batch of square matrices, shape (*, n, n)",
-            hint if len(shape) >= 2 else "",
-        )
+class _Subspace(Constraint):
+    """A subspace of the square matrices, reached by its orthogonal projection (``forward``).
+
+    The projection is its own right inverse, and the part of ``X`` it removes
+    (:meth:`_complement`) measures the distance to the set. Subclasses give both projections.
+    """
+
+    _owner: str  # the registering function, which starts error messages
+
+    @abc.abstractmethod
+    def _complement(self, X: Tensor) -> Tensor:
+        """The projection of ``X`` onto the orthogonal complement of the set."""
+
+    @torch.no_grad()
+    def right_inverse(self, X: Tensor) -> Tensor:
+        self.check_shape(X.shape, "the assigned value")
+        return self.forward(X)
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The projection of a standard Gaussian ``G``, ``(G ± Gᴴ) / 2``.
+
+        For :class:`Symmetric`, a matrix of the Gaussian orthogonal (unitary) ensemble.
+        """
+        self.check_shape(shape, "the sample")
+        G = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
+        return self.forward(G)
+
+    def distance(self, X: Tensor) -> Tensor:
+        """The Frobenius norm of the part of ``X`` outside the set: the distance to it."""
+        return worst(torch.linalg.matrix_norm(self._complement(X)))
+
+    def check_shape(self, shape: Sequence[int], label: str) -> None:
+        check_square(self._owner, label, shape)
 
 
-def worst(distances: Tensor) -> Tensor:
-    """The largest of per-matrix distances, ``0`` for an empty batch."""
-    return distances.amax() if distances.numel() else distances.new_zeros(())
-
-
-class Symmetric(Constraint):
+class Symmetric(_Subspace):
     """Symmetric matrices, Hermitian for complex tensors.
 
     The set is ``{X : X = Xᴴ}`` of shape ``(*, n, n)``: a vector space, so the constraint is
@@ -59,36 +84,16 @@ class Symmetric(Constraint):
         True
     """
 
+    _owner = "symmetric()"
+
     def forward(self, X: Tensor) -> Tensor:
         return symmetric_part(X)
 
-    @torch.no_grad()
-    def right_inverse(self, X: Tensor) -> Tensor:
-        self.check_shape(X.shape, "the assigned value")
-        return symmetric_part(X)
-
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """A matrix of the Gaussian orthogonal (unitary) ensemble: ``(G + Gᴴ) / 2``."""
-        self.check_shape(shape, "sample()")
-        G = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
-        return symmetric_part(G)
-
-    def distance(self, X: Tensor) -> Tensor:
-        """The Frobenius norm of the skew part ``(X - Xᴴ) / 2``: the distance to the set."""
-        return worst(torch.linalg.matrix_norm(skew_part(X)))
-
-    def check_shape(self, shape: Sequence[int], label: str) -> None:
-        check_square("symmetric()", shape, label)
+    def _complement(self, X: Tensor) -> Tensor:
+        return skew_part(X)
 
 
-class Skew(Constraint):
+class Skew(_Subspace):
     """Skew-symmetric matrices, skew-Hermitian for complex tensors.
 
     The set is ``{X : X = -Xᴴ}`` of shape ``(*, n, n)``, the Lie algebra of the orthogonal
@@ -110,33 +115,13 @@ class Skew(Constraint):
         True
     """
 
+    _owner = "skew()"
+
     def forward(self, X: Tensor) -> Tensor:
         return skew_part(X)
 
-    @torch.no_grad()
-    def right_inverse(self, X: Tensor) -> Tensor:
-        self.check_shape(X.shape, "the assigned value")
-        return skew_part(X)
-
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """``(G - Gᴴ) / 2`` for a standard Gaussian ``G``."""
-        self.check_shape(shape, "sample()")
-        G = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
-        return skew_part(G)
-
-    def distance(self, X: Tensor) -> Tensor:
-        """The Frobenius norm of the symmetric part ``(X + Xᴴ) / 2``: the distance to the set."""
-        return worst(torch.linalg.matrix_norm(symmetric_part(X)))
-
-    def check_shape(self, shape: Sequence[int], label: str) -> None:
-        check_square("skew()", shape, label)
+    def _complement(self, X: Tensor) -> Tensor:
+        return symmetric_part(X)
 
 
 def symmetric(module: M, name: str = "weight") -> M:

@@ -7,60 +7,14 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from tether._checks import bad_shape, describe, where
-from tether._parametrization_list import plists_of
+from tether._checks import bad_shape, bad_type, check_dim, where
+from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
 from tether.functional import norm_except_dim, weight_normalize
 from tether.parametrize import register_parametrization
 
 __all__ = ["WeightNorm", "weight_norm"]
 
 M = TypeVar("M", bound=nn.Module)
-
-# Note [Loading the checkpoints of torch's hook-based norms]
-#     torch.nn.utils.weight_norm and torch.nn.utils.spectral_norm, the hook-based versions
-#     that predate parametrizations, store ``weight_g``, ``weight_v`` and ``weight_orig``,
-#     ``weight_u``, ``weight_v``. Module.load_state_dict hands a child only the keys under
-#     its own prefix, so the parametrization cannot see these keys; the registering function
-#     therefore adds a load_state_dict pre-hook on the module that renames them to the
-#     parametrization's keys before the children load. The hook is a functools.partial of a
-#     module-level function, so parametrized models still pickle and deepcopy, and it does
-#     nothing once the parametrization is removed. The earliest spectral_norm format (before
-#     its version 1: a ``weight`` buffer and no ``weight_v``) is not converted; such keys are
-#     reported as unexpected.
-
-
-def first_parametrization(module: nn.Module, name: str) -> nn.Module | None:
-    """The first parametrization on ``module.<name>``, or ``None`` if it is not parametrized."""
-    plist = plists_of(module).get(name)
-    return None if plist is None or len(plist) == 0 else plist[0]
-
-
-def add_load_hook(module: nn.Module, hook: functools.partial[None]) -> None:
-    """Register a load_state_dict pre-hook on ``module`` unless an equal one is there."""
-    for existing in module._load_state_dict_pre_hooks.values():
-        other = getattr(existing, "hook", None)
-        if (
-            isinstance(other, functools.partial)
-            and other.func is hook.func
-            and other.args == hook.args
-        ):
-            return
-    module.register_load_state_dict_pre_hook(hook)  # type: ignore[no-untyped-call]  # untyped in torch
-
-
-def check_dim(dim: object, weight: Tensor, who: str) -> None:
-    """Raise torch's errors for a ``dim`` that is not an int or is out of range.
-
-    ``who`` starts the message, e.g. ``"weight_norm() on Linear.weight"``.
-    """
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise TypeError(f"{who}: `dim` must be an int or None; got {describe(dim)}.")
-    ndim = max(weight.ndim, 1)
-    if not -ndim <= dim < ndim:
-        raise IndexError(
-            f"{who}: dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
-            f"but got {dim}); the tensor has shape {tuple(weight.shape)}."
-        )
 
 
 class WeightNorm(nn.Module):
@@ -100,7 +54,7 @@ class WeightNorm(nn.Module):
     def __init__(self, dim: int | None = 0) -> None:
         super().__init__()
         if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
-            raise TypeError(f"WeightNorm: `dim` must be an int or None; got {describe(dim)}.")
+            raise bad_type("WeightNorm", "dim", "an int or None", dim)
         self.dim = -1 if dim is None else dim
 
     def forward(self, weight_g: Tensor, weight_v: Tensor) -> Tensor:
@@ -160,7 +114,10 @@ def _load_legacy_weight_norm(
     prefix: str,
     *args: Any,
 ) -> None:
-    """Rename ``weight_g``, ``weight_v`` to ``original0``, ``original1`` (Note [Loading ...])."""
+    """Rename ``weight_g``, ``weight_v`` to ``original0``, ``original1``.
+
+    See Note [Loading the checkpoints of torch's hook-based norms] in ``_legacy_checkpoints``.
+    """
     if not isinstance(first_parametrization(module, name), WeightNorm):
         return
     g_key, v_key = f"{prefix}{name}_g", f"{prefix}{name}_v"

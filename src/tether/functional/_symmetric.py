@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from tether.functional._elementwise import softplus_inverse
 from tether.functional._orthogonal import orthonormalize
 
 __all__ = [
@@ -170,16 +171,6 @@ def spd_log(A: Tensor) -> Tensor:
     return _rebuild(Q, torch.log(L))
 
 
-def _softplus_inverse(y: Tensor) -> Tensor:
-    # log(exp(y) - 1), written so that it neither overflows for large y nor loses digits for
-    # small ones.
-    return y + torch.log(-torch.expm1(-y))
-
-
-def _softplus_inverse_derivative(y: Tensor) -> Tensor:
-    return -1 / torch.expm1(-y)
-
-
 def spd_softplus(X: Tensor) -> Tensor:
     """Softplus applied to the eigenvalues of the symmetric part of ``X``: positive definite.
 
@@ -214,7 +205,7 @@ def spd_softplus_inverse(A: Tensor) -> Tensor:
         A: shape ``(*, n, n)``.
     """
     L, Q = _eigh_above_floor(A)
-    return _rebuild(Q, _softplus_inverse(L))
+    return _rebuild(Q, softplus_inverse(L))
 
 
 def gram(B: Tensor) -> Tensor:
@@ -303,7 +294,7 @@ def fixed_rank_psd_factors(A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """
     L, Q = _eigh_above_floor(A)
     # eigh sorts the eigenvalues in ascending order: the largest are the last ones.
-    return Q[..., -rank:], _softplus_inverse(L[..., -rank:])
+    return Q[..., -rank:], softplus_inverse(L[..., -rank:])
 
 
 # Note [Eigenvalue floor]

@@ -27,15 +27,15 @@ Example:
 from tether.prune._functions import custom_from_mask as custom_from_mask
 from tether.prune._functions import global_unstructured as global_unstructured
 from tether.prune._functions import identity as identity
-from tether.prune._functions import is_pruned as is_pruned
 from tether.prune._functions import l1_unstructured as l1_unstructured
 from tether.prune._functions import ln_structured as ln_structured
 from tether.prune._functions import random_structured as random_structured
 from tether.prune._functions import random_unstructured as random_unstructured
-from tether.prune._functions import remove as remove
 from tether.prune._mask import PruningMask as PruningMask
 from tether.prune._methods import L1Unstructured as L1Unstructured
 from tether.prune._methods import RandomUnstructured as RandomUnstructured
+from tether.prune._remove import is_pruned as is_pruned
+from tether.prune._remove import remove as remove
 from tether.prune._sparsity import Sparsity as Sparsity
 from tether.prune._sparsity import TensorSparsity as TensorSparsity
 from tether.prune._sparsity import sparsity as sparsity

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from tether import _cache
-from tether._checks import describe, where
-from tether._parametrization_list import plists_of
-from tether.parametrize import register_parametrization, remove_parametrizations
-from tether.prune._checkpoint import drop_torch_keys_hook, ensure_torch_keys_hook
-from tether.prune._mask import PruningMask, find_mask, value_through
+from tether._checks import describe
+from tether.prune._apply import about, apply_method, checked_scores, context, current
 from tether.prune._methods import (
     CustomFromMask,
     Identity,
@@ -30,102 +25,13 @@ __all__ = [
     "custom_from_mask",
     "global_unstructured",
     "identity",
-    "is_pruned",
     "l1_unstructured",
     "ln_structured",
     "random_structured",
     "random_unstructured",
-    "remove",
 ]
 
 M = TypeVar("M", bound=nn.Module)
-
-
-@contextlib.contextmanager
-def _about(what: str) -> Iterator[None]:
-    """Prefix the validation errors raised inside with ``what`` (the call and the tensor)."""
-    try:
-        yield
-    except (TypeError, ValueError, IndexError) as exc:
-        raise type(exc)(f"{what}: {exc}") from None
-
-
-def _context(function: str, module: object, name: object) -> str:
-    """How errors name the call and the tensor, e.g. ``"l1_unstructured() on Linear.weight"``."""
-    if isinstance(module, nn.Module) and isinstance(name, str):
-        return f"{function}() on {where(module, name)}"
-    return f"{function}()"
-
-
-def _tensor(module: nn.Module, name: str) -> Tensor:
-    """``module.<name>`` if it is a tensor, else the error torch's pruning would raise."""
-    try:
-        value = getattr(module, name)
-    except AttributeError:
-        tensors = [n for n, t in module.named_parameters(recurse=False) if t is not None]
-        tensors += [n for n, t in module.named_buffers(recurse=False) if t is not None]
-        tensors += [n for n in plists_of(module) if n not in tensors]
-        known = ", ".join(repr(n) for n in tensors) or "none"
-        raise AttributeError(
-            f"Cannot prune {where(module, name)}: {type(module).__name__} has no tensor named "
-            f"{name!r}. Its tensors: {known}."
-        ) from None
-    if not isinstance(value, Tensor):
-        raise TypeError(
-            f"it is {describe(value)}, not a tensor (for a bias, the layer was built with "
-            "bias=False). Prune a parameter or buffer of the module."
-        )
-    return value
-
-
-def _current(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
-    """The tensor where the mask acts (already masked if pruned) and the current mask."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"the module must be an nn.Module; got {describe(module)}.")
-    if not isinstance(name, str):
-        raise TypeError(f"name must be the tensor's name as a str; got {describe(name)}.")
-    found = find_mask(module, name)
-    with torch.no_grad():
-        if found is None:
-            value = _tensor(module, name).detach()
-            return value, torch.ones_like(value)
-        plist, index, pruning = found
-        return value_through(plist, index), pruning.mask
-
-
-def _scores(importance_scores: object, value: Tensor) -> Tensor:
-    if not isinstance(importance_scores, Tensor):
-        raise TypeError(
-            f"importance_scores must be a tensor of the tensor's shape, or None (use the "
-            f"tensor's own values); got {describe(importance_scores)}."
-        )
-    if importance_scores.shape != value.shape:
-        raise ValueError(
-            "importance_scores must have the shape of the tensor it ranks.\n"
-            f"  expected shape: {tuple(value.shape)}\n"
-            f"  got shape:      {tuple(importance_scores.shape)}\n"
-            "Pass one score per entry, or None to rank by the tensor's own values."
-        )
-    return importance_scores.detach().to(device=value.device)
-
-
-def _prune(
-    module: nn.Module, name: str, method: PruningMethod, importance_scores: Tensor | None
-) -> None:
-    """Apply ``method`` to what is still unpruned of ``module.<name>`` and store the mask."""
-    value, mask = _current(module, name)
-    scores = value if importance_scores is None else _scores(importance_scores, value)
-    with torch.no_grad():
-        new = merge(method, scores, mask).to(dtype=value.dtype, device=value.device)
-    found = find_mask(module, name)
-    if found is None:
-        register_parametrization(module, name, PruningMask(new))
-        ensure_torch_keys_hook(module)
-        return
-    plist, _, pruning = found
-    with torch.no_grad():
-        pruning.mask.copy_(new)
-    _cache.invalidate(plist)
 
 
 def identity(module: M, name: str) -> M:
@@ -153,8 +59,8 @@ def identity(module: M, name: str) -> M:
         >>> layer.parametrizations.bias[0].mask
         tensor([1., 1., 1.])
     """
-    with _about(_context("identity", module, name)):
-        _prune(module, name, Identity(), None)
+    with about(context("identity", module, name)):
+        apply_method(module, name, Identity(), None)
     return module
 
 
@@ -188,8 +94,8 @@ def random_unstructured(module: M, name: str, amount: int | float) -> M:
         >>> int((layer.weight == 0).sum())
         10
     """
-    with _about(_context("random_unstructured", module, name)):
-        _prune(module, name, RandomUnstructured(amount), None)
+    with about(context("random_unstructured", module, name)):
+        apply_method(module, name, RandomUnstructured(amount), None)
     return module
 
 
@@ -236,8 +142,8 @@ def l1_unstructured(
         >>> list(layer.state_dict())
         ['bias', 'parametrizations.weight.original', 'parametrizations.weight.0.mask']
     """
-    with _about(_context("l1_unstructured", module, name)):
-        _prune(module, name, L1Unstructured(amount), importance_scores)
+    with about(context("l1_unstructured", module, name)):
+        apply_method(module, name, L1Unstructured(amount), importance_scores)
     return module
 
 
@@ -272,8 +178,8 @@ def random_structured(module: M, name: str, amount: int | float, dim: int) -> M:
         >>> int((layer.weight.abs().sum(dim=0) == 0).sum())
         3
     """
-    with _about(_context("random_structured", module, name)):
-        _prune(module, name, RandomStructured(amount, dim), None)
+    with about(context("random_structured", module, name)):
+        apply_method(module, name, RandomStructured(amount, dim), None)
     return module
 
 
@@ -325,8 +231,8 @@ def ln_structured(
         >>> (conv.weight.flatten(1).abs().sum(dim=1) == 0).tolist().count(True)
         2
     """
-    with _about(_context("ln_structured", module, name)):
-        _prune(module, name, LnStructured(amount, n, dim), importance_scores)
+    with about(context("ln_structured", module, name)):
+        apply_method(module, name, LnStructured(amount, n, dim), importance_scores)
     return module
 
 
@@ -357,8 +263,8 @@ def custom_from_mask(module: M, name: str, mask: Tensor) -> M:
         >>> layer.parametrizations.bias[0].mask
         tensor([0., 1., 0.])
     """
-    with _about(_context("custom_from_mask", module, name)):
-        _prune(module, name, CustomFromMask(mask), None)
+    with about(context("custom_from_mask", module, name)):
+        apply_method(module, name, CustomFromMask(mask), None)
     return module
 
 
@@ -439,7 +345,7 @@ def global_unstructured(
             f"{who} needs `importance_scores` as a dict from (module, name) pairs to tensors, "
             f"or None; got {describe(importance_scores)}."
         )
-    with _about(who):
+    with about(who):
         method = _METHOD_OF_FUNCTION.get(pruning_method, pruning_method)(**kwargs)
     if getattr(method, "PRUNING_TYPE", None) != "unstructured":
         raise TypeError(
@@ -451,13 +357,13 @@ def global_unstructured(
 
     values, scores, masks = [], [], []
     for module, name in pairs:
-        with _about(_context("global_unstructured", module, name)):
-            value, mask = _current(module, name)
+        with about(context("global_unstructured", module, name)):
+            value, mask = current(module, name)
             given = scores_of.get((module, name))
-            scores.append(value if given is None else _scores(given, value))
+            scores.append(value if given is None else checked_scores(given, value))
             values.append(value)
             masks.append(mask)
-    with torch.no_grad(), _about(who):
+    with torch.no_grad(), about(who):
         flat = merge(
             method,
             torch.cat([s.reshape(-1) for s in scores]),
@@ -467,91 +373,5 @@ def global_unstructured(
     for (module, name), value in zip(pairs, values, strict=True):
         part = flat[start : start + value.numel()].view_as(value)
         start += value.numel()
-        with _about(_context("global_unstructured", module, name)):
-            _prune(module, name, CustomFromMask(part), None)
-
-
-def remove(module: M, name: str) -> M:
-    """Make the pruning of ``module.<name>`` permanent: a plain tensor, zero where pruned.
-
-    As ``torch.nn.utils.prune.remove``: the pruned values are written into the original
-    ``Parameter``, which becomes ``module.<name>`` again, the same object (an optimizer built
-    before still trains it), and the mask is dropped. Pruned entries are zero but, without the
-    mask, training may change them again.
-
-    If other parametrizations act on the tensor, only the mask is removed: this works when the
-    mask comes first in the chain (the pruned values go into the original); a mask after
-    another parametrization cannot be folded into anything, and
-    :func:`tether.remove_parametrizations` removes the whole chain instead.
-
-    Args:
-        module: the module holding the pruned tensor.
-        name: the pruned tensor's name.
-
-    Returns:
-        ``module``.
-
-    Raises:
-        ValueError: ``module.<name>`` is not pruned, or its mask follows another
-            parametrization.
-
-    Example:
-        >>> import torch
-        >>> from tether import prune
-        >>> layer = torch.nn.Linear(5, 7)
-        >>> weight = layer.weight
-        >>> layer = prune.remove(prune.l1_unstructured(layer, "weight", 0.2), "weight")
-        >>> type(layer).__name__, layer.weight is weight, int((weight == 0).sum())
-        ('Linear', True, 7)
-    """
-    if not isinstance(module, nn.Module) or not isinstance(name, str):
-        raise TypeError(
-            f"remove() needs a module and a tensor name; got {describe(module)} and "
-            f"{describe(name)}. Example: tether.prune.remove(layer, 'weight')."
-        )
-    label = where(module, name)
-    found = find_mask(module, name)
-    if found is None:
-        pruned = [n for n in plists_of(module) if find_mask(module, n) is not None]
-        known = ", ".join(repr(n) for n in pruned) or "none"
-        raise ValueError(
-            f"Cannot remove the pruning of {label}: it is not pruned. Pruned tensors of this "
-            f"module: {known}."
-        )
-    plist, index, pruning = found
-    if len(plist) == 1:
-        remove_parametrizations(module, name)
-    elif index == 0:
-        with torch.no_grad():
-            plist.original.mul_(pruning.mask.to(dtype=plist.original.dtype))
-        del plist[0]
-        _cache.invalidate(plist)
-    else:
-        before = ", ".join(type(p).__name__ for p in list(plist)[:index])
-        raise ValueError(
-            f"Cannot remove the pruning of {label} alone: its mask comes after {before}, so "
-            "the pruned values cannot be written into the original. Use "
-            f"tether.remove_parametrizations(module, {name!r}) to make the whole chain "
-            "permanent, or prune before registering the other parametrizations."
-        )
-    if not any(find_mask(module, n) is not None for n in plists_of(module)):
-        drop_torch_keys_hook(module)
-    return module
-
-
-def is_pruned(module: nn.Module) -> bool:
-    """Whether ``module`` or any of its submodules has a pruned tensor (a :class:`PruningMask`).
-
-    As ``torch.nn.utils.prune.is_pruned``, for pruning done by :mod:`tether.prune`.
-
-    Example:
-        >>> import torch
-        >>> from tether import prune
-        >>> net = torch.nn.Sequential(torch.nn.Linear(5, 7))
-        >>> prune.is_pruned(net)
-        False
-        >>> _ = prune.random_unstructured(net[0], "weight", amount=0.2)
-        >>> prune.is_pruned(net)
-        True
-    """
-    return any(isinstance(m, PruningMask) for m in module.modules())
+        with about(context("global_unstructured", module, name)):
+            apply_method(module, name, CustomFromMask(part), None)

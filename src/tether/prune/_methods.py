@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from tether._checks import describe
+from tether._checks import describe, expect_same_shape
 
 __all__ = [
     "CustomFromMask",
@@ -268,12 +268,12 @@ class CustomFromMask:
         self.mask = mask
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        if self.mask.shape != default_mask.shape:
-            raise ValueError(
-                f"the mask has the wrong shape.\n  expected shape: {tuple(default_mask.shape)}"
-                f"\n  got shape:      {tuple(self.mask.shape)}\nPass a mask of the tensor's "
-                "shape, 0 where pruned and 1 where kept."
-            )
+        expect_same_shape(
+            default_mask.shape,
+            self.mask.shape,
+            "the mask has the wrong shape.",
+            "Pass a mask of the tensor's shape, 0 where pruned and 1 where kept.",
+        )
         mask = self.mask.to(dtype=default_mask.dtype, device=default_mask.device)
         return default_mask * mask
 

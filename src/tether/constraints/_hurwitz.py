@@ -1,0 +1,163 @@
+"""Stable (Hurwitz) matrices: every eigenvalue in the open left half-plane, as ``(J - R) P``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from tether._checks import check_square
+from tether.constraints._base import (
+    Constraint,
+    default_atol,
+    gaussian_matrix,
+    register_constraint,
+    worst,
+)
+from tether.functional import (
+    dissipative,
+    dissipative_inverse,
+    log_cholesky,
+    log_cholesky_inverse,
+    solve_lyapunov,
+)
+
+__all__ = ["Hurwitz", "hurwitz"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class Hurwitz(Constraint):
+    """Stable matrices: every eigenvalue has a negative real part, as ``(J - R) P``.
+
+    The set is ``{A : Re λ < 0 for every eigenvalue λ of A}`` for square weights of shape
+    ``(*, n, n)``: the matrices for which ``dx/dt = A x`` decays to 0 from any start. The map
+    is the port-Hamiltonian form ``A = (J - R) P`` with ``J`` skew-symmetric, ``R`` and ``P``
+    positive definite: ``V(x) = xᵀ P x`` decreases along every trajectory, so ``A`` is stable,
+    and every stable ``A`` is reached (take ``P⁻¹`` the solution of ``A X + X Aᵀ = -2I``,
+    then ``R = I`` and ``J = (A X - X Aᵀ) / 2``). ``J - R`` is
+    :func:`tether.functional.dissipative` of ``original0`` and ``P`` is
+    :func:`tether.functional.log_cholesky` of ``original1`` (lower triangle used). Choose it
+    for linear state-space layers and learned dynamics that must not blow up; the eigenvalues
+    are free inside the half-plane, unlike a diagonal or normal parametrization.
+
+    ``right_inverse`` sets any member exactly, up to the accuracy of the Lyapunov solve
+    (:func:`tether.functional.solve_lyapunov`, in float64), which degrades as eigenvalues
+    approach the imaginary axis. A non-member raises ``ValueError``: the nearest stable
+    matrix has no closed form (a hard, non-convex problem), so a fresh ``nn.Linear`` weight,
+    rarely stable, must first be replaced by a member, e.g. from :meth:`sample`.
+    :meth:`distance` is the excess spectral abscissa ``max(0, max Re λ)`` (the spectral-norm
+    distance to the closure for normal matrices, an upper bound otherwise). Samples are
+    Ginibre matrices (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa ``-1``.
+
+    Raises:
+        ValueError: at registration or assignment, the tensor is not square, a matrix is not
+            Hurwitz, or it is too close to the imaginary axis to be set accurately.
+
+    References:
+        Port-Hamiltonian systems: an introductory overview. Arjan van der Schaft, Dimitri
+        Jeltsema, 2014. https://doi.org/10.1561/2600000002
+
+    Example:
+        >>> import torch, tether
+        >>> layer = torch.nn.Linear(4, 4)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(tether.constraints.Hurwitz().sample((4, 4)))
+        >>> layer = tether.hurwitz(layer)
+        >>> bool(torch.linalg.eigvals(layer.weight).real.max() < 0)
+        True
+    """
+
+    _owner = "hurwitz()"
+
+    def forward(self, Y: Tensor, Z: Tensor) -> Tensor:  # type: ignore[override]  # two originals
+        return dissipative(Y) @ log_cholesky(Z)
+
+    @torch.no_grad()
+    def right_inverse(self, A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
+        self.check_shape(A.shape, "the assigned value")
+        abscissa = float(self._abscissa(A).max()) if A.numel() else -1.0
+        if not abscissa < 0:
+            raise ValueError(
+                f"{self._owner}: the assigned value is not Hurwitz: an eigenvalue has real part "
+                f"{abscissa:.2e} (members need < 0; membership tolerance "
+                f"{default_atol(A.dtype):.2e}). No nearest stable matrix can be computed; assign "
+                "a member first, e.g. A - (a + 1) I with a the largest real part, or "
+                "tether.constraints.Hurwitz().sample(shape)."
+            )
+        A64 = A.to(torch.float64)
+        n = A.shape[-1]
+        eye = torch.eye(n, dtype=torch.float64, device=A.device)
+        try:
+            X = solve_lyapunov(A64, -2 * eye)  # A X + X Aᵀ = -2I, X positive definite
+        except ValueError:
+            raise self._inaccurate(A, math.inf) from None
+        L, info = torch.linalg.cholesky_ex((X + X.mT) / 2)
+        if bool((info != 0).any()):
+            raise self._inaccurate(A, math.inf)
+        P = torch.cholesky_inverse(L)
+        # (J - R) P = (c J - c I)(P / c) for any c > 0: pick the c giving R and P the same
+        # mean eigenvalue, so that neither factor starts much larger than the other.
+        c = (P.diagonal(dim1=-2, dim2=-1).mean(dim=-1) ** 0.5)[..., None, None]
+        originals = dissipative_inverse(c * (A64 @ X)), log_cholesky_inverse(P / c)
+        error = float((self(*originals) - A64).abs().max())
+        scale = max(float(A64.abs().max()), 1.0)
+        if not error <= default_atol(A.dtype) * scale:
+            raise self._inaccurate(A, error / scale)
+        return originals[0].to(A.dtype), originals[1].to(A.dtype)
+
+    def _inaccurate(self, A: Tensor, error: float) -> ValueError:
+        return ValueError(
+            f"{self._owner}: the assigned value is Hurwitz but too close to the imaginary axis "
+            f"to be set accurately (largest real part of an eigenvalue "
+            f"{float(self._abscissa(A).max()):.2e}, relative reconstruction error {error:.2e}, "
+            f"tolerance {default_atol(A.dtype):.2e}). Shift it left, e.g. A - t I with t > 0."
+        )
+
+    @staticmethod
+    def _abscissa(A: Tensor) -> Tensor:
+        """The spectral abscissa ``max Re λ`` of each matrix."""
+        return torch.linalg.eigvals(A).real.amax(dim=-1)
+
+    def sample(
+        self,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """A Ginibre matrix (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa -1."""
+        shape = torch.Size(shape)
+        self.check_shape(shape, "the sample")
+        G = gaussian_matrix(shape, dtype, device, generator)
+        if G.numel() == 0:
+            return G
+        shift = (self._abscissa(G) + 1).to(G.dtype)[..., None, None]
+        return G - shift * torch.eye(shape[-1], dtype=G.dtype, device=G.device)
+
+    def distance(self, X: Tensor) -> Tensor:
+        """The excess spectral abscissa ``max(0, max Re λ)`` (the worst over a batch)."""
+        if X.numel() == 0:
+            return X.new_zeros(())
+        return worst(self._abscissa(X).clamp_min(0).to(X.dtype))
+
+    def check_shape(self, shape: torch.Size, label: str) -> None:
+        check_square(self._owner, label, shape)
+
+
+def hurwitz(module: M, name: str = "weight") -> M:
+    """Constrain ``module.<name>`` to stable (Hurwitz) matrices (:class:`Hurwitz`).
+
+    The tensor must already be Hurwitz: there is no projection onto the set.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: the tensor is not square (or a batch of square matrices), or not Hurwitz.
+    """
+    return register_constraint(module, name, Hurwitz())
