@@ -1,11 +1,12 @@
-# `make test` and `make demo` each create or refresh .venv, install what they need, and run.
+# `make test`, `make demo`, `make docs` and `make bench` each create or refresh .venv, install
+# what they need, and run.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 CODE := $(wildcard src tests examples benchmarks)
 
-.PHONY: test demo lint typecheck pytest clean
+.PHONY: test demo bench docs lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +18,7 @@ $(VENV)/.installed-%: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[$*]"
 	touch $@
 
-test: $(VENV)/.installed-test lint typecheck pytest
+test: $(VENV)/.installed-test lint typecheck pytest docs
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(CODE)
@@ -30,7 +31,14 @@ pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed-demo
-	$(BIN)/python examples/tour.py
+	$(BIN)/python examples/copy_task.py
+
+# The documentation site, built into site/; --strict turns every warning into an error.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

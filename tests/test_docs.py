@@ -27,10 +27,10 @@ def test_page_code_runs(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_page(page, monkeypatch)
 
 
-def test_guide_shows_the_error_it_prints(
+def test_how_it_works_shows_the_error_it_prints(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    page = ROOT / "docs" / "guide.md"
+    page = ROOT / "docs" / "how_it_works.md"
     run_page(page, monkeypatch)
     printed = " ".join(capsys.readouterr().out.split())
     quoted = re.search(r"prints `(.*?)`", page.read_text(), re.DOTALL)

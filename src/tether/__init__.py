@@ -16,6 +16,7 @@ from tether import constraints as constraints
 from tether import functional as functional
 from tether import prune as prune
 from tether import testing as testing
+from tether._autocache import autocache as autocache
 from tether._state_dict import plain_state_dict as plain_state_dict
 from tether.constraints._elementwise import bounded as bounded
 from tether.constraints._elementwise import positive as positive
@@ -57,6 +58,7 @@ __all__ = [
     "FunctionParametrization",
     "ParametrizationList",
     "almost_orthogonal",
+    "autocache",
     "bounded",
     "cached",
     "constraints",

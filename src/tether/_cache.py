@@ -12,9 +12,10 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["active_threads", "cached", "invalidate", "lookup"]
+__all__ = ["active_threads", "cached", "enter", "invalidate", "leave", "lookup"]
 
 #: Number of threads currently inside ``cached()``; the property getter reads only this
 #: module-level integer when no thread caches, so the uncached path stays cheap.
@@ -61,6 +62,20 @@ def cached() -> Iterator[None]:
         >>> twice(torch.ones(1, 3)).shape
         torch.Size([1, 3])
     """
+    enter()
+    try:
+        yield
+    finally:
+        leave()
+
+
+def enter() -> None:
+    """Enter the cache in this thread, as ``with cached():`` does; pair with :func:`leave`.
+
+    For code that cannot hold a ``with`` block open, such as a forward pre-hook and a forward
+    hook (:func:`tether.autocache`). Every ``enter()`` must be matched by one ``leave()`` in the
+    same thread, even when an exception is raised in between.
+    """
     global active_threads
     state = _state
     if state.depth == 0:
@@ -70,19 +85,27 @@ def cached() -> Iterator[None]:
             active_threads += 1
         state.values = values
     state.depth += 1
-    try:
-        yield
-    finally:
-        state.depth -= 1
-        if state.depth == 0:
-            with _lock:
-                _live.pop(threading.get_ident(), None)
-                active_threads -= 1
-            state.values = None
+
+
+def leave() -> None:
+    """Leave the cache entered by :func:`enter`; the outermost exit drops the cached values."""
+    global active_threads
+    state = _state
+    state.depth -= 1
+    if state.depth == 0:
+        with _lock:
+            _live.pop(threading.get_ident(), None)
+            active_threads -= 1
+        state.values = None
 
 
 def lookup(plist: nn.Module) -> Tensor:
     """Return the cached value of ``plist`` for this thread, computing it on a miss."""
+    if torch.compiler.is_compiling():
+        # A model compiled inside cached() (or called by an autocached model): the thread's
+        # dictionary and lock would break the graph. Each read goes into the graph, where the
+        # compiler merges the repeated evaluations (Note [autocache hooks]).
+        return plist.forward()
     values = _state.values
     tensor: Tensor | None = None if values is None else values.get(plist)
     if tensor is None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tether._checks import bad_shape, where
 from tether._parametrization_list import plists_of
 from tether.constraints._base import Constraint, register_constraint
-from tether.functional import cayley, householder, matrix_exp, orthonormalize
+from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
 
 __all__ = [
     "Grassmannian",
@@ -142,7 +142,7 @@ class Orthogonal(Constraint):
     def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
         if orthogonal_map == "householder":
             return householder
-        group_map = matrix_exp if orthogonal_map == "matrix_exp" else cayley
+        group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley
         return _square_map(group_map, _tall_generator)
 
     def forward(self, X: Tensor) -> Tensor:
@@ -319,7 +319,7 @@ class Grassmannian(Orthogonal):
         super().__init__(orthogonal_map, use_trivialization=True)
 
     def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
-        group_map = matrix_exp if orthogonal_map == "matrix_exp" else cayley
+        group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley
         return _square_map(group_map, _horizontal_generator)
 
     def check_shape(self, shape: torch.Size, label: str) -> None:

@@ -29,6 +29,7 @@ from tether.functional._orthogonal import householder as householder
 from tether.functional._orthogonal import matrix_exp as matrix_exp
 from tether.functional._orthogonal import orthonormalize as orthonormalize
 from tether.functional._orthogonal import polar as polar
+from tether.functional._skew_exp import skew_matrix_exp as skew_matrix_exp
 from tether.functional._symmetric import fixed_rank_psd as fixed_rank_psd
 from tether.functional._symmetric import fixed_rank_psd_factors as fixed_rank_psd_factors
 from tether.functional._symmetric import gram as gram
@@ -65,6 +66,7 @@ __all__ = [
     "project_simplex",
     "project_sphere",
     "singular_value_estimate",
+    "skew_matrix_exp",
     "skew_part",
     "softplus_inverse",
     "solve_lyapunov",

@@ -1,0 +1,321 @@
+"""The exponential of a skew-symmetric (skew-Hermitian) matrix from one eigendecomposition."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["skew_matrix_exp"]
+
+SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
+
+# Note [Exponential of a skew matrix]
+#     For a skew-symmetric (skew-Hermitian) A, A² = -S with S = AᴴA Hermitian and positive
+#     semidefinite, so the even and odd terms of the exponential series are functions of S:
+#         exp(A) = cos(√S) + A sinc(√S) = I + V f(Λ) Vᴴ + W s(Λ) Vᴴ,    W = A V,
+#     with S = V Λ Vᴴ, f(λ) = cos√λ - 1 and s(λ) = sin√λ / √λ. One Hermitian
+#     eigendecomposition and three matrix products replace scaling and squaring's ~10
+#     products, and the backward (Note [Gradient of the skew exponential]) takes five more,
+#     where torch.linalg.matrix_exp's backward exponentiates a 2n x 2n block matrix. f and s
+#     are entire functions of λ, so the eigenvalues (paired, often equal) need no care here;
+#     writing cos - 1 rather than cos keeps the error proportional to A near the identity.
+#
+#     Accuracy: eigh resolves the eigenvalues of S to eps ‖S‖ = eps ‖A‖₂², which is the
+#     error this formula makes where A is small, against eps ‖A‖ for scaling and squaring.
+#     When ‖A‖₂ > _MAX_ANGLE the forward exponentiates A / 2ᵏ and squares k times, which
+#     brings the error back to order eps ‖A‖ (the scaling divides it by 4ᵏ, the squarings
+#     double it k times). k is read from the data (.item()), so under torch.compile "auto"
+#     takes torch.linalg.matrix_exp, whose graph does not depend on the data.
+#
+#     Speed (benchmarks/orthogonal_maps.py, one thread): on a CPU an eigendecomposition
+#     costs a few matrix products; forward plus backward break even with
+#     torch.linalg.matrix_exp near n = 32 (where "auto" switches), are 1.5x faster at
+#     n = 64, 5x at 256 and 8-12x at 1024, with a third of its peak memory. On CUDA eigh is
+#     slow next to matrix products and synchronises with the host, so "auto" keeps
+#     torch.linalg.matrix_exp there (not measured: no GPU was at hand).
+
+# Note [Gradient of the skew exponential]
+#     Q = I + F + A D with F = f(S), D = s(S), S = AᴴA. For a cotangent G of Q,
+#         Ā = G D + A (S̄ + S̄ᴴ),   S̄ = V (Γ_f ∘ (Vᴴ G V) + Γ_s ∘ (Vᴴ Aᴴ G V)) Vᴴ,
+#     by the Daleckii-Krein formula for the spectral functions f and s (see Note [Gradients
+#     of spectral functions] in _symmetric.py), where Γ_g[i, j] = (g(λᵢ) - g(λⱼ)) / (λᵢ - λⱼ)
+#     is g's divided difference, g'(λᵢ) when λᵢ = λⱼ. Both terms start from G V:
+#     Ā = ((G V) s(Λ) + W (M + Mᴴ)) Vᴴ with M the bracket, five products in all. This is the
+#     exact gradient of A ↦ I + f(AᴴA) + A s(AᴴA), which equals exp(A) on the skew matrices;
+#     skew_matrix_exp applies it to the skew part of its input, so what it returns is the
+#     exact gradient of X ↦ exp((X - Xᴴ)/2) in every direction.
+#
+#     The divided differences are evaluated without cancellation. With θ = √λ, θ₊ = θᵢ + θⱼ,
+#     θ₋ = θᵢ - θⱼ (so λᵢ - λⱼ = θ₊θ₋, exactly as computed):
+#         Γ_f = -½ sinc(θ₊/2) sinc(θ₋/2)                 (an identity; no branches)
+#         Γ_s = (s(λᵢ) - s(λⱼ)) / (θ₊θ₋)                 when min(|θ₊θ₋|, |θ₋|) ≥ τ,
+#     which loses at most a factor 6/τ of precision (about 60 eps). The close pairs (the rule
+#     rather than the exception: the eigenvalues of S come in equal pairs) are done in
+#     float64, for both θ ≤ 1 + τ with the power series of s's divided difference in λ,
+#         Γ_s = Σₘ (-1)ᵐ / (2m + 1)! Σ_{p+q=m-1} λᵢᵖ λⱼq     (11 terms reach eps),
+#     and otherwise with the identity, for u = θ₊/2 > 1 and v = θ₋/2,
+#         Γ_s = (u cos u sinc v - sin u cos v) / (2u θᵢθⱼ),
+#     whose only cancellation, near the roots of tan u = u, stays below eps / u², the scale.
+#     The backward is first order. When autograd records it (create_graph=True, or
+#     torch.func.grad, which always asks for a graph) it recomputes the exponential with
+#     torch.linalg.matrix_exp and returns that gradient, which can be differentiated again:
+#     exact second derivatives at PyTorch's cost, only when a graph is asked for. Under
+#     transforms that record nothing in the backward (jacrev, vmap of grad) it returns its
+#     own gradient through _NoSecondDerivative, so that differentiating it again raises an
+#     error instead of treating the map as linear. Forward mode (jvp) is torch's, made of
+#     differentiable operations on A; torch.func cannot nest forward mode over any custom
+#     autograd.Function (jvp of jvp sees a constant), a limitation shared by householder.
+
+# Largest ‖A‖₂ exponentiated without squaring (Note [Exponential of a skew matrix]).
+_MAX_ANGLE = 8.0
+# Smallest n for which "auto" takes the eigendecomposition on a CPU.
+_MIN_SIZE = 32
+# τ of Note [Gradient of the skew exponential]: closer pairs take the series or identity.
+_CLOSE = 0.1
+# Terms of the series, enough for float64's eps when θ ≤ 1 + τ.
+_SERIES_TERMS = 11
+
+
+def _sinc(x: Tensor) -> Tensor:
+    """``sin(x) / x``, 1 at 0 (no autograd: the 0/0 it drops would poison a gradient)."""
+    return torch.where(x == 0, 1.0, torch.sin(x) / x)
+
+
+def _cos_minus_one(x: Tensor) -> Tensor:
+    """``cos(x) - 1`` without cancellation near 0."""
+    return -2.0 * torch.sin(x / 2) ** 2
+
+
+def _squarings(theta: Tensor) -> int:
+    """How many times to halve ``A`` so that its 2-norm is at most ``_MAX_ANGLE``."""
+    largest = theta.max().item() if theta.numel() else 0.0
+    if not largest > _MAX_ANGLE:  # also catches NaN, which squaring would not help
+        return 0
+    return math.ceil(math.log2(largest / _MAX_ANGLE))
+
+
+def _sinc_slope_close(a: Tensor, b: Tensor) -> Tensor:
+    """``(sinc(a) - sinc(b)) / (a² - b²)`` for close ``a, b ≥ 0``, float64 (the series and
+    identity of Note [Gradient of the skew exponential])."""
+    # Σₘ cₘ hₘ₋₁(x, y), with hₘ = x hₘ₋₁ + yᵐ the sum of the monomials of degree m.
+    x, y = a * a, b * b
+    h, y_power, series = torch.ones_like(x), torch.ones_like(y), torch.zeros_like(x)
+    for m in range(1, _SERIES_TERMS + 1):
+        series += (-1) ** m / math.factorial(2 * m + 1) * h
+        y_power = y_power * y
+        h = x * h + y_power
+    u, v = (a + b) / 2, (a - b) / 2
+    closed = (u * torch.cos(u) * torch.sinc(v / math.pi) - torch.sin(u) * torch.cos(v)) / (
+        2 * u * (a * b)
+    )
+    return torch.where(u <= 1, series, closed)
+
+
+def _divided_differences(theta: Tensor) -> tuple[Tensor, Tensor]:
+    """``Γ_f`` and ``Γ_s`` of Note [Gradient of the skew exponential] for angles ``θ``."""
+    # torch.sinc(x) is sin(πx) / (πx): work with θ / 2π. In place where it saves a pass.
+    half = theta * (0.5 / math.pi)
+    sigma = half.unsqueeze(-1) + half.unsqueeze(-2)
+    delta = half.unsqueeze(-1) - half.unsqueeze(-2)
+    gamma_f = torch.sinc(sigma).mul_(torch.sinc(delta)).mul_(-0.5)
+    s = torch.sinc(theta / math.pi)
+    gap = sigma.mul_(delta).mul_(4 * math.pi**2)  # λᵢ - λⱼ without cancellation
+    gamma_s = (s.unsqueeze(-1) - s.unsqueeze(-2)).div_(gap)
+    # min(|λᵢ - λⱼ|, |θᵢ - θⱼ|) < τ is |λᵢ - λⱼ| < τ max(1, θᵢ + θⱼ).
+    close = torch.minimum(gap.abs_(), delta.abs_().mul_(2 * math.pi)) < _CLOSE
+    pairs = theta.unsqueeze(-1).expand_as(close), theta.unsqueeze(-2).expand_as(close)
+    try:
+        index = close.nonzero(as_tuple=True)
+    except RuntimeError:
+        # Under torch.func.vmap (no batching rule for nonzero): every pair, then select.
+        a, b = (p.to(torch.float64) for p in pairs)
+        return gamma_f, torch.where(close, _sinc_slope_close(a, b).to(theta.dtype), gamma_s)
+    a, b = (p[index].to(torch.float64) for p in pairs)
+    gamma_s[index] = _sinc_slope_close(a, b).to(theta.dtype)
+    return gamma_f, gamma_s
+
+
+def _backward(grad: Tensor, theta: Tensor, V: Tensor, W: Tensor, powers: Tensor) -> Tensor:
+    """``Ā`` of Note [Gradient of the skew exponential], through the squarings first."""
+    k = powers.shape[-3]
+    for i in reversed(range(k)):
+        P = powers[..., i, :, :].mH
+        grad = grad @ P + P @ grad
+    GV = grad @ V
+    gamma_f, gamma_s = _divided_differences(theta)
+    M = gamma_f * (V.mH @ GV) + gamma_s * (W.mH @ GV)
+    A_bar = (GV * _sinc(theta).unsqueeze(-2) + W @ (M + M.mH)) @ V.mH
+    return A_bar * 2.0**-k if k else A_bar
+
+
+_NO_SECOND_DERIVATIVE = (
+    "skew_matrix_exp(algorithm='eigh') has no second derivative under this torch.func "
+    "transform (its backward is first order; plain autograd with create_graph=True has "
+    "them). Use skew_matrix_exp(..., algorithm='torch') or tether.functional.matrix_exp; for "
+    "a constrained weight, orthogonal_map='cayley' or 'householder'."
+)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes a first-order gradient on; differentiating it raises an error."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gradient: Tensor, *_: Tensor) -> Tensor:
+        return gradient.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *_: Tensor) -> tuple[None, ...]:
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+    @staticmethod
+    def jvp(ctx: Any, *_: Tensor) -> Tensor:
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+
+class _SkewExp(torch.autograd.Function):
+    """``exp(A)`` for a skew ``A``; see Note [Exponential of a skew matrix]."""
+
+    @staticmethod
+    def forward(A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        L, V = torch.linalg.eigh(A.mH @ A)
+        theta = L.clamp_min(0.0).sqrt()
+        k = _squarings(theta)
+        if k:
+            A = A * 2.0**-k
+            theta = theta * 2.0**-k
+        W = A @ V
+        Q = (V * _cos_minus_one(theta).unsqueeze(-2) + W * _sinc(theta).unsqueeze(-2)) @ V.mH
+        Q.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        # Q before each squaring, for the backward; shape (*, k, n, n).
+        powers = [Q]
+        for _ in range(k):
+            powers.append(powers[-1] @ powers[-1])
+        if k:
+            stacked = torch.stack(powers[:-1], dim=-3)
+        else:
+            stacked = Q.new_zeros((*Q.shape[:-2], 0, *Q.shape[-2:]))
+        return powers[-1], theta, V, W, stacked
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        _, theta, V, W, powers = output
+        ctx.mark_non_differentiable(theta, V, W, powers)
+        ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept internal
+        ctx.save_for_backward(inputs[0], theta, V, W, powers)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> Tensor | None:
+        if grad is None:
+            return None
+        A, theta, V, W, powers = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: a gradient autograd can differentiate again, through
+            # torch.linalg.matrix_exp (Note [Gradient of the skew exponential]).
+            with torch.enable_grad():
+                Q = torch.linalg.matrix_exp(A)
+            if Q.requires_grad:
+                (A_bar,) = torch.autograd.grad(Q, A, grad, create_graph=True, allow_unused=True)
+                if A_bar is not None:  # None under some nested torch.func transforms
+                    return A_bar
+        with torch.no_grad():
+            A_bar = _backward(grad, theta, V, W, powers)
+        if torch.is_grad_enabled():
+            # Under torch.func transforms nothing is recorded here: make a second derivative
+            # fail loudly rather than come out as zero.
+            return _NoSecondDerivative.apply(A_bar, A, grad)  # type: ignore[no-untyped-call]  # untyped in torch
+        return A_bar
+
+    @staticmethod
+    def jvp(ctx: Any, A_dot: Tensor) -> tuple[Tensor | None, ...]:
+        # Forward mode is rare: torch's way, exp([[A, Ȧ], [0, A]]) = [[Q, Q̇], [0, Q]], made
+        # of differentiable operations on A, so that nested transforms can differentiate it.
+        (A,) = ctx.saved_tensors
+        top = torch.cat([A, A_dot], dim=-1)
+        bottom = torch.cat([torch.zeros_like(A), A], dim=-1)
+        n = A.shape[-1]
+        Q_dot = torch.linalg.matrix_exp(torch.cat([top, bottom], dim=-2))[..., :n, n:]
+        return Q_dot, None, None, None, None
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None], A: Tensor
+    ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        # forward batches over leading dimensions already (sharing one squaring count).
+        batch_dim = 0 if in_dims[0] is None else in_dims[0]
+        outputs = _SkewExp.apply(A.movedim(batch_dim, 0))  # type: ignore[no-untyped-call]  # untyped in torch
+        return outputs, (0, 0, 0, 0, 0)
+
+
+def _algorithm(A: Tensor, algorithm: SkewExpAlgorithm) -> str:
+    if algorithm not in ("auto", "eigh", "torch"):
+        raise ValueError(
+            f"skew_matrix_exp(): `algorithm` must be one of 'auto', 'eigh', 'torch'; "
+            f"got {algorithm!r}."
+        )
+    if algorithm != "auto":
+        return algorithm
+    supported = A.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
+    if (
+        supported
+        and A.device.type == "cpu"
+        and A.shape[-1] >= _MIN_SIZE
+        and not torch.compiler.is_compiling()
+    ):
+        return "eigh"
+    return "torch"
+
+
+def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tensor:
+    """The exponential ``exp(A)`` of the skew part ``A = (X - Xᴴ) / 2``: orthogonal (unitary).
+
+    For a skew-symmetric (skew-Hermitian) ``X`` this is ``exp(X)``, the map that
+    ``orthogonal(..., orthogonal_map="matrix_exp")`` uses. Taking the skew part first makes
+    it a smooth function of any ``X`` whose gradient is exact in every direction; for a
+    general matrix exponential use :func:`matrix_exp`.
+
+    With ``algorithm="eigh"`` it uses ``exp(A) = cos(√S) + A sinc(√S)``, ``S = AᴴA``: one
+    Hermitian eigendecomposition and a few matrix products forward, five more backward,
+    several times faster on a CPU than :func:`torch.linalg.matrix_exp` (whose backward
+    exponentiates a ``2n x 2n`` matrix) and as accurate; see the notes in the source. Its
+    backward is first order: second derivatives (``create_graph=True``) recompute through
+    :func:`torch.linalg.matrix_exp`, and nested :mod:`torch.func` transforms that would need
+    them raise an error. ``"torch"`` calls :func:`torch.linalg.matrix_exp`. ``"auto"`` takes
+    ``"eigh"`` on a CPU for ``n >= 32`` in single or double precision, real or complex,
+    outside :func:`torch.compile`, and ``"torch"`` otherwise (small ``n``, other dtypes, and
+    CUDA, where matrix products are cheap next to an eigendecomposition).
+
+    Args:
+        X: shape ``(*, n, n)``.
+        algorithm: ``"auto"``, ``"eigh"`` or ``"torch"``, see above.
+
+    Returns:
+        ``exp((X - Xᴴ) / 2)``, shape ``(*, n, n)``, the dtype and device of ``X``.
+
+    Raises:
+        ValueError: ``algorithm`` is not one of the above.
+
+    Example:
+        >>> import torch
+        >>> from tether.functional import skew_matrix_exp
+        >>> X = torch.randn(32, 32, dtype=torch.float64)
+        >>> Q = skew_matrix_exp(X - X.mT)
+        >>> torch.allclose(Q, torch.linalg.matrix_exp(X - X.mT))
+        True
+        >>> torch.allclose(Q.mT @ Q, torch.eye(32, dtype=torch.float64))
+        True
+    """
+    A = (X - X.mH) / 2
+    if _algorithm(A, algorithm) == "torch":
+        return torch.linalg.matrix_exp(A)
+    Q, *_ = _SkewExp.apply(A)  # type: ignore[no-untyped-call]  # untyped in torch
+    return Q

@@ -1,0 +1,195 @@
+"""Maps onto orthogonal matrices: matrix_exp, cayley, householder, orthonormalize, polar."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tether.functional import cayley, householder, matrix_exp, orthonormalize, polar
+
+REAL = [torch.float32, torch.float64]
+# torch's forward-mode AD loads its decompositions with torch.jit.script on first use, which
+# warns that torch.jit.script is deprecated (torch's own code, not ours).
+FORWARD_AD = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a busy machine OpenMP threads that wait for each other slow tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tolerance(dtype: torch.dtype, n: int) -> float:
+    return 20 * math.sqrt(n) * torch.finfo(dtype).eps
+
+
+def orthonormality_error(Q: torch.Tensor) -> float:
+    Q = Q.double()
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype)
+    return (Q.mT @ Q - eye).abs().max().item()
+
+
+def reference_householder(X: torch.Tensor) -> torch.Tensor:
+    """The product of the reflectors by torch.linalg.householder_product, signs from diag X."""
+    A = X.tril(-1)
+    Q = torch.linalg.householder_product(A, 2.0 / (1.0 + (A * A).sum(dim=-2)))
+    return Q * torch.where(X.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+
+
+@st.composite
+def talls(draw, max_n: int = 40):
+    """A tall ``(*, n, k)`` matrix: Gaussian below the diagonal, scaled, any diagonal."""
+    batch = draw(st.sampled_from([(), (2,), (2, 3)]))
+    n = draw(st.integers(1, max_n))
+    k = draw(st.integers(1, n))
+    dtype = draw(st.sampled_from(REAL))
+    scale = draw(st.sampled_from([1e-3, 1.0 / math.sqrt(n), 1.0, 30.0]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    X = scale * torch.randn(*batch, n, k, dtype=dtype, generator=generator)
+    diagonal = torch.randn(*batch, k, dtype=dtype, generator=generator)
+    X.diagonal(dim1=-2, dim2=-1).copy_(diagonal)
+    return X
+
+
+# matrix_exp and cayley
+
+
+def test_matrix_exp_is_torchs_for_any_matrix():
+    X = torch.randn(2, 5, 5, dtype=torch.float64)
+    assert torch.equal(matrix_exp(X), torch.linalg.matrix_exp(X))
+
+
+@pytest.mark.parametrize("dtype", [*REAL, torch.complex128])
+def test_cayley_of_a_skew_matrix_is_orthogonal(dtype):
+    X = torch.randn(3, 6, 6, dtype=dtype)
+    Q = cayley(X - X.mH)
+    eye = torch.eye(6, dtype=dtype)
+    assert (Q.mH @ Q - eye).abs().max().item() <= 10 * tolerance(dtype, 6)
+
+
+# householder
+
+
+@given(X=talls())
+@pytest.mark.parametrize("algorithm", ["auto", "wy"])
+def test_householder_agrees_with_householder_product(X, algorithm):
+    Q = householder(X, algorithm=algorithm)
+    assert Q.shape == X.shape and Q.dtype == X.dtype
+    expected = reference_householder(X.double())
+    assert (Q.double() - expected).abs().max().item() <= tolerance(X.dtype, X.shape[-2])
+
+
+@given(X=talls())
+def test_householder_has_orthonormal_columns(X):
+    Q = householder(X, algorithm="wy")
+    assert orthonormality_error(Q) <= tolerance(X.dtype, X.shape[-2])
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (1024, 64)], ids=str)
+def test_householder_is_as_orthonormal_as_householder_product(shape):
+    X = torch.randn(shape, generator=torch.Generator().manual_seed(0)) / math.sqrt(shape[0])
+    X.diagonal().copy_(X.diagonal().sign())
+    theirs = orthonormality_error(reference_householder(X))
+    floor = math.sqrt(shape[0]) * torch.finfo(X.dtype).eps
+    assert orthonormality_error(householder(X, algorithm="wy")) <= 1.5 * max(theirs, floor)
+
+
+@FORWARD_AD
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (4, 1), (5, 5), (7, 4), (2, 6, 3), (2, 2, 4, 4)], ids=str
+)
+def test_householder_gradcheck_and_gradgradcheck(shape):
+    X = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def f(X):
+        return householder(X, algorithm="wy")
+
+    assert torch.autograd.gradcheck(f, X, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, X)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 30)], ids=str)
+def test_householder_gradient_agrees_with_householder_product(shape):
+    X = torch.randn(shape, dtype=torch.float64) / math.sqrt(shape[0])
+    cotangent = torch.randn(shape, dtype=torch.float64)
+    grads = []
+    for f in (householder, reference_householder):
+        Xr = X.clone().requires_grad_()
+        (f(Xr) * cotangent).sum().backward()
+        grads.append(Xr.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@FORWARD_AD
+def test_householder_under_vmap_jacrev_jacfwd_and_hessian():
+    X = torch.randn(3, 6, 4, dtype=torch.float64)
+
+    def f(X):
+        return householder(X, algorithm="wy")
+
+    torch.testing.assert_close(torch.func.vmap(f)(X), reference_householder(X))
+    torch.testing.assert_close(
+        torch.func.jacrev(f)(X[0]),
+        torch.autograd.functional.jacobian(reference_householder, X[0]),  # torch's warns in vmap
+    )
+    torch.testing.assert_close(
+        torch.func.jacfwd(f)(X[0]), torch.autograd.functional.jacobian(reference_householder, X[0])
+    )
+    torch.testing.assert_close(
+        torch.autograd.functional.hessian(lambda X: f(X).pow(3).sum(), X[0]),
+        torch.autograd.functional.hessian(lambda X: reference_householder(X).pow(3).sum(), X[0]),
+    )
+
+
+def test_householder_signs_come_from_the_diagonal():
+    X = torch.randn(6, 4, dtype=torch.float64)
+    X.diagonal().copy_(torch.tensor([0.3, -0.2, 5.0, -7.0]))  # |X[i, i]| < 1 keeps its column
+    Q = householder(X, algorithm="wy")
+    flipped = X.clone()
+    flipped.diagonal().neg_()
+    torch.testing.assert_close(householder(flipped, algorithm="wy"), -Q)
+    unit = X.clone()
+    unit.diagonal().copy_(unit.diagonal().sign())
+    torch.testing.assert_close(Q, reference_householder(unit))
+
+
+def test_householder_auto_is_householder_product_below_8_columns():
+    X = torch.randn(2, 9, 7)
+    assert torch.equal(householder(X), reference_householder(X))
+
+
+def test_householder_rejects_complex_tensors():
+    with pytest.raises(ValueError, match=r"householder\(\) needs a real tensor.*complex64"):
+        householder(torch.randn(3, 2, dtype=torch.complex64))
+
+
+def test_householder_rejects_an_unknown_algorithm():
+    with pytest.raises(ValueError, match=r"'auto', 'wy', 'torch'; got 'qr'"):
+        householder(torch.randn(3, 2), algorithm="qr")  # type: ignore[arg-type]
+
+
+# orthonormalize and polar
+
+
+@pytest.mark.parametrize("dtype", REAL)
+def test_orthonormalize_is_the_identity_on_orthonormal_columns(dtype):
+    Q = orthonormalize(torch.randn(2, 7, 3, dtype=dtype))
+    assert orthonormality_error(Q) <= tolerance(dtype, 7)
+    torch.testing.assert_close(orthonormalize(Q), Q)
+
+
+@pytest.mark.parametrize("dtype", REAL)
+def test_polar_is_the_nearest_orthonormal_matrix(dtype):
+    X = torch.randn(7, 3, dtype=dtype)
+    Q = polar(X)
+    assert orthonormality_error(Q) <= tolerance(dtype, 7)
+    torch.testing.assert_close(polar(Q), Q)
+    other = orthonormalize(X)
+    assert torch.linalg.matrix_norm(X - Q) <= torch.linalg.matrix_norm(X - other) + 1e-5

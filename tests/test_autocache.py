@@ -1,0 +1,430 @@
+"""Tests for ``tether.autocache``: one evaluation per call, the uncached outputs and gradients,
+a fresh value on every call, no cache left behind (exceptions, interrupts), nesting, threads,
+undo, and copies."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import pickle
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import tether
+
+N = 4
+STEPS = 6  # time steps of the recurrent model: reads of the recurrent kernel per call
+TIMEOUT = 30.0  # seconds a thread waits for the other side before the test gives up
+
+
+class CountingSymmetric(nn.Module):
+    """Symmetric matrices from their upper triangle; counts how often it is evaluated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return X.triu() + X.triu(1).mT
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return X.triu()
+
+
+class Recurrent(nn.Module):
+    """Runs an RNN cell over the time steps: reads ``cell.weight_hh`` once per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(N, N)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h = xs.new_zeros(xs.shape[1], N)
+        for x in xs:
+            h = self.cell(x, h)
+        return h
+
+
+class Raising(nn.Module):
+    """Reads its parametrized weight, then raises the exception it was given."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.layer = nn.Linear(N, N)
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _ = self.layer.weight
+        raise self.error
+
+
+def counted(model: nn.Module, module: nn.Module, name: str) -> CountingSymmetric:
+    """Register a counting parametrization on ``module.<name>``; the counter starts at 0."""
+    counter = CountingSymmetric()
+    tether.register_parametrization(module, name, counter)
+    counter.calls = 0
+    return counter
+
+
+def recurrent() -> tuple[Recurrent, CountingSymmetric]:
+    model = Recurrent()
+    return model, counted(model, model.cell, "weight_hh")
+
+
+def inputs() -> torch.Tensor:
+    return torch.randn(STEPS, 3, N)
+
+
+def counter_of(model: Recurrent) -> CountingSymmetric:
+    counter = model.cell.parametrizations.weight_hh[0]
+    assert isinstance(counter, CountingSymmetric)
+    return counter
+
+
+# --- one evaluation per call ------------------------------------------------------------------
+
+
+def test_autocache_returns_the_model():
+    model, _ = recurrent()
+    assert tether.autocache(model) is model
+
+
+def test_without_autocache_the_kernel_is_evaluated_at_every_step():
+    model, counter = recurrent()
+    model(inputs())
+    assert counter.calls == STEPS
+
+
+def test_the_kernel_is_evaluated_once_per_call():
+    model, counter = recurrent()
+    tether.autocache(model)
+    model(inputs())
+    assert counter.calls == 1
+
+
+def test_each_call_evaluates_the_kernel_again():
+    model, counter = recurrent()
+    tether.autocache(model)
+    for _ in range(3):
+        model(inputs())
+    assert counter.calls == 3
+
+
+def test_reads_after_the_call_are_not_cached():
+    model, counter = recurrent()
+    tether.autocache(model)
+    model(inputs())
+    first = model.cell.weight_hh
+    second = model.cell.weight_hh
+    assert first is not second
+    assert counter.calls == 3
+
+
+def test_the_model_need_not_be_parametrized_itself():
+    model, _ = recurrent()
+    assert not tether.is_parametrized(model)
+    tether.autocache(model)
+    assert tether.is_parametrized(model.cell, "weight_hh")
+
+
+def test_a_parametrized_tensor_of_the_model_itself_is_cached():
+    layer = nn.Linear(N, N)
+    counter = counted(layer, layer, "weight")
+    tether.autocache(layer)
+    layer.register_forward_pre_hook(lambda module, args: module.weight)  # a second read
+    layer(torch.randn(2, N))
+    assert counter.calls == 1
+
+
+# --- the same results as without caching ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_and_gradients_equal_the_uncached_ones(dtype):
+    model, _ = recurrent()
+    model = model.to(dtype)
+    twin = tether.autocache(copy.deepcopy(model))
+    xs = inputs().to(dtype)
+
+    expected = model(xs)
+    expected.square().sum().backward()
+    got = twin(xs)
+    got.square().sum().backward()
+
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, expected, rtol=16 * eps, atol=16 * eps)
+    for (name, g), (_, e) in zip(twin.named_parameters(), model.named_parameters(), strict=True):
+        scale = e.grad.abs().max().item()
+        torch.testing.assert_close(
+            g.grad, e.grad, rtol=64 * eps, atol=64 * eps * scale, msg=f"gradient of {name}"
+        )
+
+
+def test_orthogonal_kernel_gives_the_uncached_gradients():
+    model = Recurrent().double()
+    tether.orthogonal(model.cell, "weight_hh")
+    twin = tether.autocache(copy.deepcopy(model))
+    xs = inputs().double()
+    model(xs).sum().backward()
+    twin(xs).sum().backward()
+    expected = model.cell.parametrizations.weight_hh.original.grad
+    got = twin.cell.parametrizations.weight_hh.original.grad
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_call_after_an_optimizer_step_uses_the_new_weights():
+    model, _ = recurrent()
+    twin = tether.autocache(copy.deepcopy(model))
+    xs = inputs()
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.5)
+    twin(xs).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        for source, target in zip(twin.parameters(), model.parameters(), strict=True):
+            target.copy_(source)
+    torch.testing.assert_close(twin(xs), model(xs), rtol=0.0, atol=0.0)
+
+
+# --- no cache left behind ---------------------------------------------------------------------
+
+
+def raising(error: BaseException) -> tuple[Raising, CountingSymmetric]:
+    model = Raising(error)
+    counter = counted(model, model.layer, "weight")
+    tether.autocache(model)
+    return model, counter
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("boom"), KeyboardInterrupt()], ids=["exception", "interrupt"]
+)
+def test_the_call_after_a_call_that_raised_evaluates_again(error):
+    model, counter = raising(error)
+    with pytest.raises(type(error)):
+        model(torch.randn(2, N))
+    model.error = RuntimeError("again")
+    with pytest.raises(RuntimeError, match="again"):
+        model(torch.randn(2, N))
+    first = model.layer.weight
+    assert model.layer.weight is not first
+    assert counter.calls == 4
+
+
+def test_reads_after_a_call_that_raised_are_not_cached():
+    model, counter = raising(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        model(torch.randn(2, N))
+    first = model.layer.weight
+    assert model.layer.weight is not first
+    assert counter.calls == 3
+
+
+def test_reads_after_a_call_that_raised_inside_another_are_not_cached():
+    model, _ = raising(ValueError("boom"))
+    outer = tether.autocache(nn.Sequential(model))
+    with pytest.raises(ValueError, match="boom"):
+        outer(torch.randn(2, N))
+    first = model.layer.weight
+    assert model.layer.weight is not first
+
+
+def test_a_failing_pre_hook_before_autocache_leaves_an_outer_cache_open():
+    model, _ = recurrent()
+    tether.autocache(model)
+
+    def fail(module, args):
+        raise ValueError("pre-hook")
+
+    model.register_forward_pre_hook(fail, prepend=True)  # runs before autocache's own
+    with tether.cached():
+        with pytest.raises(ValueError, match="pre-hook"):
+            model(inputs())
+        first = model.cell.weight_hh
+        assert model.cell.weight_hh is first  # the outer block still caches
+
+
+class Catching(nn.Module):
+    """Calls ``inner``, swallows its ValueError, then reads the cell's kernel twice."""
+
+    def __init__(self, inner: Recurrent) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with contextlib.suppress(ValueError):
+            self.inner(xs)
+        return self.inner.cell.weight_hh, self.inner.cell.weight_hh
+
+
+def test_a_failing_pre_hook_of_an_inner_model_leaves_the_outer_call_caching():
+    model, _ = recurrent()
+    tether.autocache(model)
+
+    def fail(module, args):
+        raise ValueError("pre-hook")
+
+    model.register_forward_pre_hook(fail, prepend=True)  # runs before autocache's own
+    outer = tether.autocache(Catching(model))
+    first, second = outer(inputs())
+    assert first is second
+
+
+# --- nesting, idempotence, undo ---------------------------------------------------------------
+
+
+def test_autocache_twice_registers_one_pair_of_hooks():
+    model, counter = recurrent()
+    tether.autocache(tether.autocache(model))
+    assert len(model._forward_pre_hooks) == 1
+    assert len(model._forward_hooks) == 1
+    model(inputs())
+    assert counter.calls == 1
+
+
+def test_an_autocached_submodule_shares_the_cache_of_an_autocached_parent():
+    model, counter = recurrent()
+    tether.autocache(model.cell)
+    parent = tether.autocache(nn.Sequential(model))
+    parent(inputs())
+    assert counter.calls == 1
+
+
+def test_an_autocached_submodule_alone_caches_per_step():
+    model, counter = recurrent()
+    tether.autocache(model.cell)
+    model(inputs())
+    assert counter.calls == STEPS  # each cell call is its own call of the cell
+
+
+def test_an_autocached_model_inside_cached_shares_the_block():
+    model, counter = recurrent()
+    tether.autocache(model)
+    with tether.cached():
+        model(inputs())
+        model(inputs())
+        inside = model.cell.weight_hh
+    assert counter.calls == 1
+    assert model.cell.weight_hh is not inside
+
+
+def test_enabled_false_removes_the_hooks():
+    model, counter = recurrent()
+    tether.autocache(model)
+    assert tether.autocache(model, enabled=False) is model
+    assert not model._forward_pre_hooks
+    assert not model._forward_hooks
+    assert not model._forward_hooks_always_called
+    model(inputs())
+    assert counter.calls == STEPS
+
+
+def test_enabled_false_keeps_other_hooks():
+    model, _ = recurrent()
+    seen: list[str] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    tether.autocache(model)
+    model.register_forward_hook(lambda module, args, out: seen.append("post"))
+    tether.autocache(model, enabled=False)
+    model(inputs())
+    assert seen == ["pre", "post"]
+
+
+def test_enabled_false_on_a_model_without_autocache_does_nothing():
+    model, counter = recurrent()
+    tether.autocache(model, enabled=False)
+    model(inputs())
+    assert counter.calls == STEPS
+
+
+def test_autocache_needs_a_module():
+    with pytest.raises(TypeError, match=r"autocache\(\) needs an nn.Module; got"):
+        tether.autocache(lambda x: x)  # type: ignore[arg-type]
+
+
+# --- threads ----------------------------------------------------------------------------------
+
+
+class ReadsTwice(nn.Module):
+    """Reads its weight, waits at a barrier shared by the callers, then reads it again."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        super().__init__()
+        self.layer = nn.Linear(N, N)
+        self.barrier = barrier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.layer.weight
+        self.barrier.wait(TIMEOUT)
+        return first, self.layer.weight
+
+
+def test_concurrent_calls_in_two_threads_each_cache_their_own_value():
+    barrier = threading.Barrier(2)
+    model = ReadsTwice(barrier)
+    counter = counted(model, model.layer, "weight")
+    tether.autocache(model)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def call(label: str) -> None:
+        seen[label] = model(torch.randn(2, N))
+
+    thread = threading.Thread(target=call, args=("other",))
+    thread.start()
+    call("main")
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert seen["main"][0] is seen["main"][1]
+    assert seen["other"][0] is seen["other"][1]
+    assert seen["main"][0] is not seen["other"][0]
+    assert counter.calls == 2
+
+
+# --- copies -----------------------------------------------------------------------------------
+
+
+def pickle_roundtrip(model: nn.Module) -> nn.Module:
+    return pickle.loads(pickle.dumps(model))
+
+
+def torch_save_roundtrip(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+ROUNDTRIPS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "pickle": pickle_roundtrip,
+    "deepcopy": copy.deepcopy,
+    "torch.save": torch_save_roundtrip,
+}
+
+
+@pytest.mark.parametrize("roundtrip", list(ROUNDTRIPS))
+def test_a_copy_of_an_autocached_model_caches_too(roundtrip):
+    model, _ = recurrent()
+    tether.autocache(model)
+    clone = ROUNDTRIPS[roundtrip](model)
+    assert isinstance(clone, Recurrent)
+    counter = counter_of(clone)
+    counter.calls = 0
+    xs = inputs()
+    torch.testing.assert_close(clone(xs), model(xs), rtol=0.0, atol=0.0)
+    assert counter.calls == 1
+
+
+@pytest.mark.parametrize("roundtrip", list(ROUNDTRIPS))
+def test_autocache_can_be_removed_from_a_copy(roundtrip):
+    model, _ = recurrent()
+    clone = ROUNDTRIPS[roundtrip](tether.autocache(model))
+    tether.autocache(clone, enabled=False)
+    counter = counter_of(clone)
+    counter.calls = 0
+    clone(inputs())
+    assert counter.calls == STEPS
