@@ -21,8 +21,8 @@ from tether._state_dict import plain_state_dict as plain_state_dict
 from tether.constraints._elementwise import bounded as bounded
 from tether.constraints._elementwise import positive as positive
 from tether.constraints._elementwise import simplex as simplex
+from tether.constraints._hurwitz import hurwitz as hurwitz
 from tether.constraints._linear_groups import almost_orthogonal as almost_orthogonal
-from tether.constraints._linear_groups import hurwitz as hurwitz
 from tether.constraints._linear_groups import invertible as invertible
 from tether.constraints._linear_groups import special_linear as special_linear
 from tether.constraints._low_rank import fixed_rank as fixed_rank

@@ -10,8 +10,8 @@ from tether.constraints._base import register_constraint as register_constraint
 from tether.constraints._elementwise import Bounded as Bounded
 from tether.constraints._elementwise import Positive as Positive
 from tether.constraints._elementwise import Simplex as Simplex
+from tether.constraints._hurwitz import Hurwitz as Hurwitz
 from tether.constraints._linear_groups import AlmostOrthogonal as AlmostOrthogonal
-from tether.constraints._linear_groups import Hurwitz as Hurwitz
 from tether.constraints._linear_groups import Invertible as Invertible
 from tether.constraints._linear_groups import SpecialLinear as SpecialLinear
 from tether.constraints._low_rank import FixedRank as FixedRank

@@ -11,10 +11,6 @@ from torch import Tensor, nn
 
 from tether._checks import bad_type, bad_value, check_square
 from tether.constraints._base import Constraint, gaussian_matrix, register_constraint, worst
-
-# Re-exported: tether and tether.constraints import Hurwitz and hurwitz from this module.
-from tether.constraints._hurwitz import Hurwitz as Hurwitz
-from tether.constraints._hurwitz import hurwitz as hurwitz
 from tether.constraints._low_rank import _Factored, has_numerical_rank
 from tether.functional import (
     factored,
@@ -26,11 +22,9 @@ from tether.functional import (
 
 __all__ = [
     "AlmostOrthogonal",
-    "Hurwitz",
     "Invertible",
     "SpecialLinear",
     "almost_orthogonal",
-    "hurwitz",
     "invertible",
     "special_linear",
 ]
