@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn import functional as F
 
 from tether.constraints import default_atol
 from tether.functional import (
@@ -23,6 +24,10 @@ from tether.functional import (
     spd_softplus_inverse,
     symmetric_part,
 )
+
+# torch's forward-mode AD loads its decompositions with torch.jit.script on first use, which
+# warns that torch.jit.script is deprecated (torch's own code, not ours).
+FORWARD_AD = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 REAL = [torch.float32, torch.float64]
 DTYPES = [*REAL, torch.complex64, torch.complex128]
@@ -222,17 +227,6 @@ def test_gradcheck_spd_inverses(inverse):
     assert torch.autograd.gradcheck(inverse, (A.requires_grad_(),))
 
 
-@pytest.mark.parametrize(
-    "X",
-    [torch.eye(3), torch.zeros(3, 3), torch.diag(torch.tensor([1.0, 1.0, 2.0]))],
-    ids=["identity", "zero", "repeated"],
-)
-def test_spd_softplus_is_differentiable_at_repeated_eigenvalues(X):
-    # eigh's own backward gives NaN here; see Note [Gradients of spectral functions].
-    X = X.to(torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(spd_softplus, (X,))
-
-
 def test_spd_softplus_gradient_matches_autograd_through_eigh_at_distinct_eigenvalues():
     X = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     G = torch.randn(4, 4, dtype=torch.float64)
@@ -243,15 +237,73 @@ def test_spd_softplus_gradient_matches_autograd_through_eigh_at_distinct_eigenva
     torch.testing.assert_close(ours, expected)
 
 
-def test_spd_softplus_is_first_order_only():
+@pytest.mark.parametrize("forward", [spd_exp, spd_softplus])
+@pytest.mark.parametrize(
+    "X",
+    [torch.eye(3), torch.zeros(3, 3), torch.diag(torch.tensor([1.0, 1.0, 2.0]))],
+    ids=["identity", "zero", "repeated"],
+)
+def test_spd_maps_are_differentiable_at_repeated_eigenvalues(forward, X):
+    # eigh's own backward gives NaN here; see Note [Gradients of spectral functions].
+    X = X.to(torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(forward, (X,))
+
+
+def test_spd_exp_gradient_matches_torch_matrix_exp():
+    X = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(2, 5, 5, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((spd_exp(X) * G).sum(), X)
+    reference = torch.linalg.matrix_exp(symmetric_part(X))
+    (expected,) = torch.autograd.grad((symmetric_part(reference) * G).sum(), X)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_spd_exp_has_exact_second_derivatives_with_create_graph():
     X = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(spd_softplus(X).sum(), X, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"does not require grad|not have been used"):
+    assert torch.autograd.gradgradcheck(spd_exp, (X,))
+    H = torch.autograd.functional.hessian(lambda x: spd_exp(x).square().sum(), X)
+    expected = torch.autograd.functional.hessian(
+        lambda x: torch.linalg.matrix_exp(symmetric_part(x)).square().sum(), X
+    )
+    torch.testing.assert_close(H, expected)
+
+
+def test_spd_softplus_second_derivative_raises_instead_of_coming_out_wrong():
+    # X also reaches the loss directly: a constant gradient would give a wrong (not a
+    # missing) second derivative, so it must fail loudly.
+    X = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad((spd_softplus(X) + X**2).sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"spd_softplus\(\) has no second derivative"):
         torch.autograd.grad(grad.sum(), X)
 
 
-def test_spd_softplus_works_under_vmap_and_jacrev():
+@FORWARD_AD
+@pytest.mark.parametrize(("forward", "f"), [(spd_exp, torch.exp), (spd_softplus, F.softplus)])
+def test_spd_maps_forward_mode_matches_the_backward(forward, f):
+    X = torch.randn(4, 4, dtype=torch.float64)
+    V = symmetric_part(torch.randn(4, 4, dtype=torch.float64))
+    _, tangent = torch.func.jvp(forward, (X,), (V,))
+
+    def through_eigh(S):  # differentiable at the distinct eigenvalues of a random X
+        L, Q = torch.linalg.eigh(S)
+        return (Q * f(L).unsqueeze(-2)) @ Q.mT
+
+    _, expected = torch.func.jvp(through_eigh, (symmetric_part(X),), (V,))
+    torch.testing.assert_close(tangent, expected)
+
+
+@FORWARD_AD
+def test_spd_maps_refuse_forward_over_forward():
+    X = torch.randn(3, 3, dtype=torch.float64)
+    V = torch.eye(3, dtype=torch.float64)
+    first = lambda x: torch.func.jvp(spd_softplus, (x,), (V,))[1]  # noqa: E731
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.func.jvp(first, (X,), (V,))
+
+
+@pytest.mark.parametrize("forward", [spd_exp, spd_softplus])
+def test_spd_maps_work_under_vmap_and_jacrev(forward):
     X = torch.randn(3, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(torch.func.vmap(spd_softplus)(X), spd_softplus(X))
-    J = torch.func.jacrev(spd_softplus)(X[0])
+    torch.testing.assert_close(torch.func.vmap(forward)(X), forward(X))
+    J = torch.func.jacrev(forward)(X[0])
     assert J.shape == (4, 4, 4, 4) and bool(torch.isfinite(J).all())

@@ -7,8 +7,6 @@ Every map works on real and complex tensors: for complex ones read Hermitian for
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +14,7 @@ from torch.nn import functional as F
 
 from tether.functional._elementwise import softplus_inverse
 from tether.functional._orthogonal import orthonormalize
+from tether.functional._spectral import rebuild, spectral
 
 __all__ = [
     "fixed_rank_psd",
@@ -29,71 +28,6 @@ __all__ = [
     "spd_softplus_inverse",
     "symmetric_part",
 ]
-
-Spectral = Callable[[Tensor], Tensor]
-
-# Note [Gradients of spectral functions]
-#     A spectral map A = Q diag(λ) Qᴴ ↦ Q diag(f(λ)) Qᴴ is smooth whenever f is, but the
-#     backward of torch.linalg.eigh divides by λᵢ - λⱼ and returns NaN as soon as two
-#     eigenvalues coincide, which happens at the most common starting points (the identity,
-#     a multiple of it, any matrix set from a diagonal one). We differentiate the map as a
-#     whole instead, with the Daleckii-Krein formula: for a symmetric direction H,
-#         d f(A)[H] = Q (Γ ∘ (Qᴴ H Q)) Qᴴ,   Γᵢⱼ = (f(λᵢ) - f(λⱼ)) / (λᵢ - λⱼ),
-#     with Γᵢⱼ = f'(λᵢ) when λᵢ = λⱼ. The map is self-adjoint, so the same formula gives the
-#     backward. When f(λᵢ) and f(λⱼ) agree to a relative cbrt(eps) the quotient loses digits
-#     to cancellation, and f' at the midpoint is used instead: both errors are then of order
-#     eps^(2/3). The backward is first order (once_differentiable): to autograd the gradient
-#     it returns is constant in A, so second derivatives with respect to A (create_graph=True,
-#     nested torch.func transforms) miss this map's curvature, and torch.autograd.grad raises
-#     when the map is the only path to A. Exact ones would need second divided differences.
-
-
-def _divided_differences(L: Tensor, f: Spectral, df: Spectral) -> Tensor:
-    """The matrix Γ of Note [Gradients of spectral functions] for eigenvalues ``L``."""
-    fL = f(L)
-    fi, fj = fL.unsqueeze(-1), fL.unsqueeze(-2)
-    Li, Lj = L.unsqueeze(-1), L.unsqueeze(-2)
-    rtol = torch.finfo(L.dtype).eps ** (1 / 3)
-    close = (fi - fj).abs() <= rtol * torch.maximum(fi.abs(), fj.abs())
-    step = torch.where(close, torch.ones_like(Li - Lj), Li - Lj)
-    return torch.where(close, df((Li + Lj) / 2), (fi - fj) / step)
-
-
-def _rebuild(Q: Tensor, L: Tensor) -> Tensor:
-    """``Q diag(L) Qᴴ``, made exactly symmetric (Hermitian)."""
-    return symmetric_part((Q * L.unsqueeze(-2).to(Q.dtype)) @ Q.mH)
-
-
-class _SpectralMap(torch.autograd.Function):
-    """``A ↦ Q diag(f(λ)) Qᴴ`` for a symmetric ``A``; see Note [Gradients of spectral ...]."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(A: Tensor, f: Spectral, df: Spectral) -> tuple[Tensor, Tensor, Tensor]:
-        L, Q = torch.linalg.eigh(A)
-        return _rebuild(Q, f(L)), L, Q
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        _, f, df = inputs
-        _, L, Q = output
-        ctx.mark_non_differentiable(L, Q)
-        ctx.save_for_backward(L, Q)
-        ctx.f, ctx.df = f, df
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor, None, None]:
-        L, Q = ctx.saved_tensors
-        gamma = _divided_differences(L, ctx.f, ctx.df).to(Q.dtype)
-        return Q @ (gamma * (Q.mH @ grad @ Q)) @ Q.mH, None, None
-
-
-def _spectral(A: Tensor, f: Spectral, df: Spectral) -> Tensor:
-    """``f`` applied to the eigenvalues of the symmetric part of ``A``."""
-    Y, _, _ = _SpectralMap.apply(symmetric_part(A), f, df)  # type: ignore[no-untyped-call]  # untyped in torch
-    return Y
 
 
 def symmetric_part(X: Tensor) -> Tensor:
@@ -140,6 +74,12 @@ def spd_exp(X: Tensor) -> Tensor:
     inverse is :func:`spd_log`. Eigenvalues ``λ`` of ``S`` become ``exp(λ)``, so the map
     works on a log scale: good for weights whose eigenvalues span orders of magnitude.
 
+    Computed from one ``torch.linalg.eigh``, with a backward of four matrix products that is
+    exact at repeated eigenvalues too: forward plus backward is about ten times faster than
+    through ``torch.linalg.matrix_exp`` at ``n = 1024``. Second derivatives with
+    ``create_graph=True`` are exact (recomputed through ``torch.linalg.matrix_exp``); forward
+    mode (``torch.func.jvp``) is first order.
+
     Args:
         X: shape ``(*, n, n)``.
 
@@ -150,9 +90,9 @@ def spd_exp(X: Tensor) -> Tensor:
         >>> bool(torch.linalg.eigvalsh(A).min() > 0), torch.allclose(spd_exp(spd_log(A)), A)
         (True, True)
     """
-    # matrix_exp (scaling and squaring) rather than eigh: its backward has no trouble with
-    # repeated eigenvalues, and it is faster.
-    return symmetric_part(torch.linalg.matrix_exp(symmetric_part(X)))
+    return spectral(
+        symmetric_part(X), torch.exp, torch.exp, reference=torch.linalg.matrix_exp, name="spd_exp"
+    )
 
 
 def spd_log(A: Tensor) -> Tensor:
@@ -168,7 +108,7 @@ def spd_log(A: Tensor) -> Tensor:
         A: shape ``(*, n, n)``.
     """
     L, Q = _eigh_above_floor(A)
-    return _rebuild(Q, torch.log(L))
+    return rebuild(Q, torch.log(L))
 
 
 def spd_softplus(X: Tensor) -> Tensor:
@@ -192,7 +132,7 @@ def spd_softplus(X: Tensor) -> Tensor:
         >>> torch.allclose(spd_softplus(spd_softplus_inverse(A)), A)
         True
     """
-    return _spectral(X, F.softplus, torch.sigmoid)
+    return spectral(symmetric_part(X), F.softplus, torch.sigmoid, name="spd_softplus")
 
 
 def spd_softplus_inverse(A: Tensor) -> Tensor:
@@ -205,7 +145,7 @@ def spd_softplus_inverse(A: Tensor) -> Tensor:
         A: shape ``(*, n, n)``.
     """
     L, Q = _eigh_above_floor(A)
-    return _rebuild(Q, softplus_inverse(L))
+    return rebuild(Q, softplus_inverse(L))
 
 
 def gram(B: Tensor) -> Tensor:
@@ -251,7 +191,7 @@ def gram_factor(A: Tensor, rank: int | None = None) -> Tensor:
     """
     L, Q = torch.linalg.eigh(symmetric_part(A))
     if rank is None:
-        return _rebuild(Q, _nonnegative_sqrt(L))
+        return rebuild(Q, _nonnegative_sqrt(L))
     # eigh sorts the eigenvalues in ascending order: the largest are the last ones.
     return Q[..., -rank:] * _nonnegative_sqrt(L[..., -rank:]).unsqueeze(-2).to(Q.dtype)
 
@@ -273,7 +213,7 @@ def fixed_rank_psd(B: Tensor, s: Tensor) -> Tensor:
         >>> int(torch.linalg.matrix_rank(A))
         2
     """
-    return _rebuild(orthonormalize(B), F.softplus(s))
+    return rebuild(orthonormalize(B), F.softplus(s))
 
 
 def fixed_rank_psd_factors(A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
