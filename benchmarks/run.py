@@ -54,6 +54,7 @@ def orthogonal_maps(quick: bool) -> str | None:
             "### Orthogonal maps: tether against PyTorch",
             table(columns, body),
             "speedup = torch time / tether time; error = max |WᵀW - I|.",
+            *([module.targets(rows)] if peaks and hasattr(module, "targets") else []),
         ]
     )
 

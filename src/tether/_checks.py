@@ -13,7 +13,7 @@ import math
 import numbers
 import operator
 from collections.abc import Sequence
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +22,14 @@ __all__ = [
     "bad_shape",
     "bad_type",
     "bad_value",
+    "call_labelled",
     "check_dim",
     "check_slices",
     "check_square",
     "choice",
     "describe",
     "dims",
+    "expect_finite",
     "expect_same_dtype",
     "expect_same_shape",
     "expect_tensor",
@@ -42,7 +44,10 @@ __all__ = [
 def where(module: nn.Module, tensor_name: str) -> str:
     """Name a tensor of a module for a message, e.g. ``"Linear.weight"``."""
     cls = type(module)
-    if getattr(cls, "_tether_shared", False) or _is_torch_parametrized(module):
+    base = getattr(cls, "_tether_base", None)  # getattr: FSDP2 subclasses tether's class again
+    if base is not None:
+        cls = base
+    elif _is_torch_parametrized(module):
         cls = cls.__bases__[0]
     return f"{cls.__name__}.{tensor_name}"
 
@@ -100,6 +105,34 @@ def expect_same_shape(expected: torch.Size, got: torch.Size, what: str, fix: str
         raise ValueError(
             f"{what}\n  expected shape: {tuple(expected)}\n  got shape:      {tuple(got)}\n{fix}"
         )
+
+
+def expect_finite(value: Tensor, what: str, fix: str) -> None:
+    """Raise a ``ValueError`` when ``value`` holds NaN or infinite entries.
+
+    A right inverse given NaN or an infinity stores NaN in the original (or crashes in a linear
+    algebra routine), and an optimizer never recovers from it, so values are checked where they
+    enter: assignment, registration and loading. Tensors whose values cannot be read here (on
+    the meta device, under ``torch.compile`` or ``torch.func`` transforms, tensor subclasses)
+    are let through unchecked, as PyTorch lets every value through.
+    """
+    if not (value.is_floating_point() or value.is_complex()) or not _readable(value):
+        return
+    finite = torch.isfinite(value)
+    if bool(finite.all()):
+        return
+    nans = int(torch.isnan(value).sum())
+    infs = value.numel() - int(finite.sum()) - nans
+    found = " and ".join(f"{n} {kind}" for n, kind in ((nans, "NaN"), (infs, "infinite")) if n)
+    raise ValueError(f"{what}: {found} among its {value.numel()} entries. {fix}")
+
+
+def _readable(value: Tensor) -> bool:
+    if type(value) not in (Tensor, nn.Parameter) or value.is_meta:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(value)
 
 
 def bad_shape(
@@ -247,3 +280,18 @@ def check_dim(dim: object, tensor: Tensor, who: str) -> None:
             f"{who}: dimension out of range (expected to be in range of [{-ndim}, {ndim - 1}], "
             f"but got {dim}); the tensor has shape {tuple(tensor.shape)}."
         )
+
+
+def call_labelled(function: Any, value: object, context: str, label: str) -> object:
+    """Call a parametrization's function, adding ``context`` (which tensor) to its plain errors.
+
+    A constraint that refuses a value (a singular matrix for ``invertible``) does not know
+    which module's tensor it was given; the same exception type comes back with the tensor
+    named. Exceptions of other types (a user's own, NotImplementedError) pass unchanged.
+    """
+    try:
+        return function(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if type(error) not in (TypeError, ValueError, RuntimeError) or label in str(error):
+            raise
+        raise type(error)(f"{context}: {error}") from error

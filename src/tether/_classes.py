@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tether import _cache
+from tether import _cache, _loading, _reset, _serving
 from tether._checks import where
-from tether._parametrization_list import ParametrizationList, plists_of
+from tether._parametrization_list import plists_of
 
 __all__ = ["is_shared_class", "parametrized_class"]
 
@@ -65,12 +65,15 @@ def _make_class(base: type, names: frozenset[str]) -> type:
         __qualname__=f"Parametrized{base.__name__}",
         _tether_shared=True,
         _tether_names=names,
+        _tether_base=base,
         __reduce_ex__=_reduce_ex,
         register_parameter=_register_parameter,
         register_buffer=_register_buffer,
         __setattr__=_setattr,
         _load_from_state_dict=_load_from_state_dict,
     )
+    if callable(getattr(base, "reset_parameters", None)):
+        namespace["reset_parameters"] = _reset.reset_parameters
     meta = _metaclass_for(type(base))
     cls: type = meta(f"Parametrized{base.__name__}", (base,), namespace)
     return cls
@@ -111,7 +114,9 @@ def _tensor_property(name: str) -> property:
         plist = plists_of(self).get(name)
         if plist is None:
             self.__dict__[name] = value
-        else:
+        # Note [functional_call on a parametrized name]: torch.func.functional_call's swaps
+        # serve the value as given; every other assignment goes through right_inverse.
+        elif not _serving.swap_from_functional_call(plist, value):
             plist.right_inverse(value)
 
     def delete(self: nn.Module) -> None:
@@ -124,6 +129,16 @@ def _tensor_property(name: str) -> property:
         )
 
     return property(get_parametrized, set_original, delete, f"The parametrized {name!r}.")
+
+
+def _base(module: nn.Module) -> Any:
+    """The class ``module`` had before it was parametrized.
+
+    Stored on the shared class rather than read as ``__bases__[0]``: FSDP2's ``fully_shard``
+    subclasses a module's class again, with its own class first.
+    """
+    cls: Any = type(module)
+    return cls._tether_base
 
 
 def _plain_get(module: nn.Module, name: str) -> Any:
@@ -139,7 +154,7 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
     # with "attribute already exists"; set the parametrized value instead, as for any tensor.
     if isinstance(value, nn.Parameter) and name in plists_of(self):
         value = value.detach()
-    base: Any = type(self).__bases__[0]
+    base = _base(self)
     base.__setattr__(self, name, value)
 
 
@@ -150,13 +165,14 @@ def _resync_class(module: nn.Module) -> None:
     it keeps the module's class, which here is shared and names the removed tensor too.
     """
     names = frozenset(plists_of(module))
-    if names and names != type(module).__dict__["_tether_names"]:
-        module.__class__ = parametrized_class(type(module).__bases__[0], names)
+    cls: Any = type(module)
+    if names and names != cls._tether_names:
+        module.__class__ = parametrized_class(_base(module), names)
 
 
 def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
     _resync_class(self)
-    base: Any = type(self).__bases__[0]
+    base = _base(self)
     base.register_parameter(self, name, param)
 
 
@@ -164,7 +180,7 @@ def _register_buffer(
     self: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True
 ) -> None:
     _resync_class(self)
-    base: Any = type(self).__bases__[0]
+    base = _base(self)
     base.register_buffer(self, name, tensor, persistent)
 
 
@@ -181,7 +197,7 @@ def _reduce_ex(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     # their weights) stores plain leaves, which pickle and deepcopy accept.
     with torch.no_grad():
         state = self.__getstate__()  # type: ignore[no-untyped-call]  # untyped in torch
-    return (_rebuild, (type(self).__bases__[0], names), state)
+    return (_rebuild, (_base(self), names), state)
 
 
 def _load_from_state_dict(
@@ -194,38 +210,10 @@ def _load_from_state_dict(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Accept plain checkpoints: a value under ``weight`` goes in through ``right_inverse``."""
-    for name, plist in plists_of(self).items():
-        key = prefix + name
-        block = f"{prefix}parametrizations.{name}."
-        if key not in state_dict or any(k.startswith(block) for k in state_dict):
-            continue
-        value = state_dict.pop(key)
-        try:
-            _load_plain(plist, value, assign=bool(local_metadata.get("assign_to_params_buffers")))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            error_msgs.append(f"While loading {key!r} through right_inverse: {exc}")
-            continue
-        # The originals and the parametrizations' own state are now set; hand them to the
-        # children so that they load (onto themselves) instead of being reported missing.
-        for child_key, tensor in plist.state_dict().items():
-            state_dict[block + child_key] = tensor
-    base: Any = type(self).__bases__[0]
+    """Accept plain checkpoints, and load the module all or nothing (see ``tether._loading``)."""
+    assign = bool(local_metadata.get("assign_to_params_buffers"))
+    _loading.prepare(self, state_dict, prefix, assign, error_msgs)
+    base = _base(self)
     base._load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     )
-
-
-def _load_plain(plist: ParametrizationList, value: Any, *, assign: bool) -> None:
-    if isinstance(value, Tensor):
-        first = plist.originals()[0]
-        if assign and first.is_meta:
-            # load_state_dict(assign=True) into a model built on the meta device: give the
-            # originals and the parametrizations' state real storage first.
-            plist.to_empty(device=value.device)
-            first = plist.originals()[0]
-        value = value.to(device=first.device)
-        if plist.is_tensor and value.is_floating_point() and first.is_floating_point():
-            value = value.to(dtype=first.dtype)
-    with torch.no_grad():
-        plist.right_inverse(value)

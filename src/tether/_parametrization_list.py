@@ -10,22 +10,51 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from tether import _cache
-from tether._checks import expect_same_dtype, expect_same_shape, expect_tensor, expect_tensors
+from tether import _cache, _distributed
+from tether._checks import (
+    call_labelled,
+    expect_finite,
+    expect_same_dtype,
+    expect_same_shape,
+    expect_tensor,
+    expect_tensors,
+)
 
 __all__ = ["ParametrizationList", "plists_of"]
 
+_Parameter = nn.Parameter
 
-def _set_in_place(dest: Tensor, src: Tensor) -> None:
-    """Give ``dest`` the data of ``src`` while keeping the ``dest`` object (optimizers hold it)."""
-    if torch.__future__.get_swap_module_params_on_conversion() or is_traceable_wrapper_subclass(
+
+def _set_in_place(dest: Tensor, src: Tensor, *, copy: bool = False) -> None:
+    """Give ``dest`` the data of ``src`` while keeping the ``dest`` object (optimizers hold it).
+
+    With ``copy``, ``src`` is copied into ``dest``'s memory when it fits, as for an assignment
+    to a tensor of fixed shape (Note [Assignment and reading threads]); otherwise ``dest`` is
+    pointed at ``src``'s memory, as torch's parametrize does.
+    """
+    if _distributed.is_sharded(dest):  # Note [Sharded originals]
+        _distributed.set_shard(dest, src)
+    elif torch.__future__.get_swap_module_params_on_conversion() or is_traceable_wrapper_subclass(
         dest
     ):
         if isinstance(dest, nn.Parameter) and not isinstance(src, nn.Parameter):
             src = nn.Parameter(src, requires_grad=dest.requires_grad)
         torch.utils.swap_tensors(dest, src)  # type: ignore[no-untyped-call]  # untyped in torch
+    elif copy and _can_copy(dest, src):
+        dest.copy_(src)
     else:
         dest.set_(src)  # type: ignore[call-overload]  # torch's stubs miss set_(Tensor)
+
+
+def _can_copy(dest: Tensor, src: Tensor) -> bool:
+    """Whether ``src`` fits ``dest``'s memory and does not overlap it."""
+    return (
+        dest.shape == src.shape
+        and dest.dtype == src.dtype
+        and dest.device == src.device
+        and not dest.is_meta
+        and dest.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+    )
 
 
 def _register(module: nn.Module, name: str, tensor: Tensor) -> None:
@@ -79,12 +108,18 @@ class ParametrizationList(nn.ModuleList):
         # original tensor untouched.
         with torch.no_grad():
             new: object = original
+            context = f"Cannot parametrize {self.label}"
             for module in reversed(self):
                 inverse = getattr(module, "right_inverse", None)
                 if inverse is not None:
+                    if new is original:
+                        fix = (
+                            "Give it finite values first, e.g. with the layer's reset_parameters()."
+                        )
+                        expect_finite(original, context, fix)
                     # NotImplementedError means "no right inverse": keep the value as it is.
                     with contextlib.suppress(NotImplementedError):
-                        new = inverse(new)
+                        new = call_labelled(inverse, new, context, self.label)
         originals = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
         self.is_tensor = isinstance(originals, Tensor)
         originals = (originals,) if isinstance(originals, Tensor) else originals
@@ -105,7 +140,7 @@ class ParametrizationList(nn.ModuleList):
                 )
         if not unsafe:
             with torch.no_grad():
-                value = self._evaluate(originals)
+                value = call_labelled(self._evaluate, originals, context, self.label)
             self._check_value(value, original)
 
         if self.is_tensor:
@@ -176,9 +211,14 @@ class ParametrizationList(nn.ModuleList):
             original: Tensor | None = self._parameters.get("original")
             if original is None:
                 original = self._buffers["original"]
+            elif type(original) is not _Parameter:  # FSDP2 shard? Note [Sharded originals]
+                original = _distributed.full(original)
             value = next(modules).forward(original)
         else:
-            value = next(modules).forward(*self.originals())
+            originals = self.originals()
+            if type(originals[0]) is not _Parameter:
+                originals = _distributed.full_originals(originals)
+            value = next(modules).forward(*originals)
         for module in modules:
             value = module.forward(value)
         return value
@@ -192,11 +232,21 @@ class ParametrizationList(nn.ModuleList):
 
         Raises:
             TypeError: ``value`` is not a tensor.
-            ValueError: ``value`` has the wrong shape, or a ``right_inverse`` returned the
-                wrong number, shape or dtype of tensors.
+            ValueError: ``value`` has the wrong shape or holds NaN or infinite entries, or a
+                ``right_inverse`` returned the wrong number, shape or dtype of tensors.
             RuntimeError: a parametrization in the chain has no ``right_inverse``.
         """
-        expect_tensor(value, f"The value assigned to {self.label}", "Assign a torch.Tensor.")
+        self._store(self._inverse(value))
+
+    def _inverse(self, value: object) -> tuple[Tensor, ...]:
+        """The originals :meth:`right_inverse` stores for ``value``, computed and checked.
+
+        Nothing is written but what a ``right_inverse`` writes into its own parametrization
+        (a norm, a base point), and that is put back if a later step fails.
+        """
+        value = expect_tensor(
+            value, f"The value assigned to {self.label}", "Assign a torch.Tensor."
+        )
         if not self.unsafe:
             expected = self._parametrized_shape()
             expect_same_shape(
@@ -215,10 +265,23 @@ class ParametrizationList(nn.ModuleList):
                     f"{type(module).__name__} does not implement right_inverse. Give it a "
                     "method right_inverse(X) returning Y with forward(Y) == X."
                 )
+        context = f"Cannot assign to {self.label}"
+        expect_finite(value, context, "Assign finite values.")
+        saved = self._save_state()
+        try:
+            return self._run_inverses(inverses, value, context)
+        except BaseException:
+            _restore(saved)
+            raise
+
+    def _run_inverses(self, inverses: list[Any], value: Tensor, context: str) -> tuple[Tensor, ...]:
         with torch.no_grad():
             new: object = value
-            for inverse in inverses:
-                new = inverse(new)  # type: ignore[misc]  # checked above
+            for i, inverse in enumerate(inverses):
+                if i > 0:  # only the first parametrization's right_inverse may return several
+                    what = f"right_inverse of {type(self[len(self) - i]).__name__} on {self.label}"
+                    new = expect_tensor(new, what, "Return a tensor.")
+                new = call_labelled(inverse, new, context, self.label)
             results = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
             results = (results,) if isinstance(results, Tensor) else results
             if len(results) != self.ntensors:
@@ -234,13 +297,41 @@ class ParametrizationList(nn.ModuleList):
                 expect_same_dtype(dest.dtype, src.dtype, what, fix)
                 if not self.unsafe:
                     expect_same_shape(dest.shape, src.shape, what, fix)
-            for dest, src in zip(destinations, results, strict=True):
-                _set_in_place(dest, src)
+        return results
+
+    def _store(self, results: tuple[Tensor, ...]) -> None:
+        """Write what :meth:`_inverse` computed into the originals, keeping their identity.
+
+        Note [Assignment and reading threads]
+            torch's parametrize points the original at the new value's memory with ``set_``,
+            which frees the old memory at once, while a forward pass in another thread may
+            still be reading it (it then reads garbage, or crashes). When the shape is fixed
+            (no ``unsafe``), tether copies the new value into the original's memory instead:
+            a concurrent read sees old or new entries, never freed memory, and the original
+            keeps its address. The one visible difference: a view of the original taken
+            before the assignment (``state_dict()`` without cloning) shows the new value,
+            as it already does after an optimizer step.
+        """
+        with torch.no_grad():
+            for dest, src in zip(self.originals(), results, strict=True):
+                _set_in_place(dest, src, copy=not self.unsafe)
         _cache.invalidate(self)
+
+    def _save_state(self) -> list[tuple[Tensor, Tensor]]:
+        """Copies of the parametrizations' own parameters and buffers, for :func:`_restore`."""
+        with torch.no_grad():
+            return [(t, t.clone()) for m in self for t in (*m.parameters(), *m.buffers())]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         _cache.invalidate(self)
+
+
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    """Put back the values :meth:`ParametrizationList._save_state` copied."""
+    with torch.no_grad():
+        for tensor, copy in saved:
+            tensor.copy_(copy)
 
 
 def plists_of(module: nn.Module) -> dict[str, ParametrizationList]:

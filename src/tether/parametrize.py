@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from tether import _cache
 from tether._cache import cached
-from tether._checks import describe, where
+from tether._checks import call_labelled, describe, where
 from tether._classes import is_shared_class, parametrized_class
 from tether._parametrization_list import (
     ParametrizationList,
@@ -116,7 +116,11 @@ def type_before_parametrizations(module: nn.Module) -> type:
         >>> tether.type_before_parametrizations(layer)
         <class 'torch.nn.modules.linear.Linear'>
     """
-    if is_parametrized(module):
+    # getattr: FSDP2's fully_shard subclasses tether's class again.
+    base: type | None = getattr(type(module), "_tether_base", None)
+    if base is not None:
+        return base
+    if is_parametrized(module):  # parametrized by torch's own parametrize
         return type(module).__bases__[0]
     return type(module)
 
@@ -244,12 +248,13 @@ def _check_appended(
     fix = "Keep shape and dtype in forward and right_inverse, or register with unsafe=True."
     with torch.no_grad():
         current = getattr(module, tensor_name)
-        value = parametrization(current)
+        context = f"Cannot parametrize {label}"
+        value = call_labelled(parametrization, current, context, label)
         _check_like(current, value, f"parametrization({label})", fix)
         inverse = getattr(parametrization, "right_inverse", None)
         if inverse is not None:
             try:
-                restored = inverse(value)
+                restored = call_labelled(inverse, value, context, label)
             except NotImplementedError:
                 return
             _check_like(current, restored, f"parametrization.right_inverse({label})", fix)

@@ -127,6 +127,17 @@ def test_householder_gradient_agrees_with_householder_product(shape):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_householder_keeps_one_k_by_k_matrix_for_its_backward():
+    # Peak memory: the input and one (k, k) matrix (plus two vectors) per matrix of the
+    # batch, where householder_product keeps its input and its (n, k) output.
+    X = torch.randn(2, 30, 10, dtype=torch.float64, requires_grad=True)
+    Q = householder(X, algorithm="wy")
+    saved = Q.grad_fn.saved_tensors
+    assert any(t.data_ptr() == X.data_ptr() for t in saved)
+    extra = sum(t.numel() for t in saved if t.data_ptr() != X.data_ptr())
+    assert extra == 2 * (10 * 10 + 2 * 10)
+
+
 @FORWARD_AD
 def test_householder_under_vmap_jacrev_jacfwd_and_hessian():
     X = torch.randn(3, 6, 4, dtype=torch.float64)

@@ -152,6 +152,9 @@ GENERATORS = {
     "near-equal angles": lambda n: rotations(
         n, 0.5 + 1e-7 * torch.arange(n // 2, dtype=torch.float64), torch.Generator()
     )[0],
+    "angles past the series (2 to 7)": lambda n: rotations(
+        n, torch.linspace(2.5, 7.0, n // 2, dtype=torch.float64), torch.Generator()
+    )[0],
     "large norm (squarings)": lambda n: 20 * torch.randn(n, n, dtype=torch.float64),
 }
 
@@ -304,3 +307,27 @@ def test_divided_differences_are_accurate_for_close_and_equal_angles(dtype):
         assert abs(gamma_f[i, j].item() - expected_f) <= tolerance
         tolerance = 100 * torch.finfo(dtype).eps * max(scale, abs(expected_s))
         assert abs(gamma_s[i, j].item() - expected_s) <= tolerance
+
+
+@pytest.mark.parametrize("dtype", REAL)
+def test_divided_differences_from_the_series_are_accurate_up_to_angle_2(dtype):
+    # The path the backward takes when no angle exceeds 2 (small or fresh weights).
+    generator = torch.Generator().manual_seed(1)
+    base = torch.cat(
+        [
+            2 * torch.rand(10, dtype=torch.float64, generator=generator),
+            torch.tensor([0.0, 1e-9, 0.05, 1.0], dtype=torch.float64),
+        ]
+    )
+    close = (base + 1e-6).clamp(max=2.0)
+    theta = torch.cat([base, close, torch.tensor([2.0], dtype=torch.float64)]).to(dtype)
+    gamma_f, gamma_s = _divided_differences(theta, theta.max().item())
+    angles = theta.double().tolist()
+    for i in range(len(angles)):
+        for j in range(len(angles)):
+            scale = 1 / (1 + angles[i] ** 2 + angles[j] ** 2)
+            expected_f, expected_s = reference_divided_differences(angles[i], angles[j])
+            tolerance = 100 * torch.finfo(dtype).eps * max(scale, abs(expected_f))
+            assert abs(gamma_f[i, j].item() - expected_f) <= tolerance
+            tolerance = 100 * torch.finfo(dtype).eps * max(scale, abs(expected_s))
+            assert abs(gamma_s[i, j].item() - expected_s) <= tolerance

@@ -60,7 +60,9 @@ def _square_map(
     group_map: Callable[[Tensor], Tensor], generator: Callable[[Tensor], Tensor]
 ) -> Callable[[Tensor], Tensor]:
     def tall_map(X: Tensor) -> Tensor:
-        return group_map(generator(X))[..., : X.shape[-1]]
+        Q = group_map(generator(X))
+        # (no slice for a square X: one autograd node fewer, which small matrices notice)
+        return Q if X.shape[-1] == X.shape[-2] else Q[..., : X.shape[-1]]
 
     return tall_map
 
@@ -82,7 +84,8 @@ def _complete(Q: Tensor) -> Tensor:
     """A square orthogonal matrix whose first columns are (the QR projection of) tall ``Q``."""
     n, k = Q.shape[-2], Q.shape[-1]
     if n == k:
-        return Q.clone() if _is_orthonormal(Q) else orthonormalize(Q)
+        # On the meta device there are no values to check: only shapes matter there.
+        return Q.clone() if not Q.is_meta and _is_orthonormal(Q) else orthonormalize(Q)
     extra = torch.randn(*Q.shape[:-2], n, n - k, dtype=Q.dtype, device=Q.device)
     return orthonormalize(torch.cat([Q, extra], dim=-1))
 
@@ -187,7 +190,8 @@ class Orthogonal(Constraint):
         if self.base is not None and self.base.shape == base.shape:
             self.base.copy_(base)
         else:
-            self.base = base
+            # QR returns column-major matrices; safetensors saves only contiguous tensors.
+            self.base = base.contiguous()
 
     def sample(
         self,

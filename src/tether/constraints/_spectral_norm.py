@@ -227,6 +227,23 @@ class SpectralNorm(Constraint):
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
 
+    @torch.no_grad()
+    def reset_state(self, X: Tensor) -> None:
+        """Redraw ``u`` and ``v`` and warm them up on ``X``, as registration does.
+
+        ``reset_parameters()`` of the parametrized module calls it after assigning the new
+        weight, so that a module initialised after ``to_empty`` has valid vectors.
+        """
+        if "_u" not in self._buffers:  # exact, or a vector: no power iteration
+            return
+        operator = self._operator
+        if operator is not None:
+            shapes = operator.output_shape, operator.input_shape
+            self._start(X, operator.power_iteration, *shapes)
+        else:
+            W = self._matrix(X)
+            self._start(W, power_iteration, W.shape[:1], W.shape[1:])
+
     def _matrix(self, X: Tensor) -> Tensor:
         if self.dim != 0:
             X = X.permute(self.dim, *(d for d in range(X.ndim) if d != self.dim))

@@ -80,6 +80,20 @@ def cayley(A: Tensor) -> Tensor:
 #     (torch.func still cannot nest forward mode over a custom autograd.Function: the jvp of
 #     a jvp comes out as if the first were constant).
 
+# Note [Memory of the Householder backward]
+#     The forward keeps X (held anyway, as the original) and one k x k matrix for the
+#     backward. K = (I + N)⁻¹ Y₁ᵀ is unit upper triangular (both factors are), so
+#     M = diag(τ) K diag(-signs) is upper triangular, and the solves read only N's strict
+#     upper triangle: the lower triangle of Mᵀ and the strict upper one of N share a matrix.
+#     The backward rebuilds Y from X (a copy, at its start and at its end) and Mᵀ from that
+#     matrix, and drops each temporary once used; N̄ enters only as N̄ diag(τ) = -triu(R
+#     diag(-signs) Mᵀ, 1), without K. Ȳ = G Mᵀ + [Rᵀ; 0] + Y (P̄ + P̄ᵀ) is assembled last,
+#     in Rᵀ's memory for a square X, with in-place products (addmm_), so that at most three
+#     n x k or k x k temporaries are alive at once beside the cotangent. Keeping Y, N, K and
+#     M instead saves three copies (a few percent of the time) but holds more than
+#     householder_product, whose backward keeps its input and output; this holds less
+#     (benchmarks/orthogonal_maps.py, peak memory).
+
 
 def _reflectors(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``Y`` (the unit lower trapezoid of ``X``), ``τ`` and the signs of ``X``'s diagonal."""
@@ -87,10 +101,15 @@ def _reflectors(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # orthogonal only as far as τ = 2 / yᵀy is accurate, and a long matrix product rounds
     # more than a (pairwise) sum.
     tau = 2.0 / (1.0 + X.tril(-1).square().sum(dim=-2))
+    signs = torch.where(X.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(X.dtype)
+    return _unit_trapezoid(X), tau, signs
+
+
+def _unit_trapezoid(X: Tensor) -> Tensor:
+    """The strict lower triangle of ``X`` with ones on the diagonal."""
     Y = X.tril(-1)
     Y.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    signs = torch.where(X.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(X.dtype)
-    return Y, tau, signs
+    return Y
 
 
 def _householder_autograd(X: Tensor) -> Tensor:
@@ -139,17 +158,24 @@ class _Householder(torch.autograd.Function):
     @staticmethod
     def forward(X: Tensor) -> tuple[Tensor, ...]:
         k = X.shape[-1]
-        Y, tau, signs = _reflectors(X)
+        # _reflectors(X), with one copy of X fewer (nothing is recorded here).
+        Y = X.tril(-1)
+        tau = 2.0 / (1.0 + Y.square().sum(dim=-2))
+        Y.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        signs = torch.where(X.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(X.dtype)
         N = (Y.mT @ Y).mul_(tau.unsqueeze(-2))
         Kh = torch.linalg.solve_triangular(
             N.mT, Y[..., :k, :], upper=False, left=False, unitriangular=True
         )
         # (E - Y diag(τ) K) diag(signs): the scalings go on the k x k factor.
-        scale = tau.unsqueeze(-1) * -signs.unsqueeze(-2)
-        M = Kh.mT * scale
+        M = Kh.mT.mul_(tau.unsqueeze(-1)).mul_(-signs.unsqueeze(-2))
         Q = Y @ M
+        del Y
         Q.diagonal(dim1=-2, dim2=-1).add_(signs)
-        return Q, Y, N, Kh, M, tau, scale
+        # M is upper triangular and only N's strict upper triangle is used: one k x k
+        # matrix keeps both for the backward (Note [Memory of the Householder backward]).
+        lower = torch.ones(k, k, dtype=torch.bool, device=X.device).tril()
+        return Q, torch.where(lower, M.mT, N), tau, signs
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -162,33 +188,58 @@ class _Householder(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, X_dot: Tensor) -> tuple[Tensor | None, ...]:
         (X,) = ctx.saved_tensors
-        return _householder_jvp(X, X_dot), None, None, None, None, None, None
+        return _householder_jvp(X, X_dot), None, None, None
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> Tensor | None:
         if grad is None:
             return None
-        X, Y, N, Kh, M, tau, scale = ctx.saved_tensors
+        X, packed, tau, signs = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True, or a torch.func transform: a gradient that can be
             # differentiated again, by differentiating the computation left to autograd.
             vjp = torch.func.vjp(_householder_autograd, X)[1]
             return vjp(grad)[0]
-        k = Kh.shape[-1]
-        Y_bar = grad @ M.mT
-        M_bar = Y.mT @ grad
-        tau_bar = (M_bar * M).sum(dim=-1).div_(tau)
-        K_bar = M_bar.mul_(scale)
-        Rh = torch.linalg.solve_triangular(N, K_bar.mT, upper=True, left=False, unitriangular=True)
-        Y_bar[..., :k, :] += Rh
-        N_bar = (Rh.mT @ Kh).triu(1).neg_()
-        tau_bar += (N_bar * N).sum(dim=-2).div_(tau)
-        P_bar = N_bar.mul_(tau.unsqueeze(-2))
+        k = packed.shape[-1]
+        # The order, and the in-place steps, keep at most three temporaries alive beside
+        # the cotangent (Note [Memory of the Householder backward]).
+        M_bar = _unit_trapezoid(X).mT @ grad
+        Mt = packed.tril()  # Mᵀ
+        tau_bar = (M_bar.mT * Mt).sum(dim=-2).div_(tau)
+        K_bar = M_bar.mul_(tau.unsqueeze(-1)).mul_(-signs.unsqueeze(-2))
+        Rh = torch.linalg.solve_triangular(
+            packed, K_bar.mT, upper=True, left=False, unitriangular=True
+        )
+        del K_bar, M_bar
+        # N̄ diag(τ) = -triu(R Kᵀ diag(τ), 1), and Kᵀ diag(τ) = diag(-signs) Mᵀ.
+        P_bar = Rh.mT @ Mt.mul_(-signs.unsqueeze(-1))
+        del Mt
+        P_bar.triu_(1).neg_()
+        tau_bar += (P_bar * packed).sum(dim=-2).div_(tau).div_(tau)
         P_bar = P_bar + P_bar.mT
         # τᵢ = 2 / (1 + ‖aᵢ‖²) = 2 / Pᵢᵢ puts -τᵢ² τ̄ᵢ / 2 on P̄ᵢᵢ, twice in P̄ + P̄ᵀ.
         P_bar.diagonal(dim1=-2, dim2=-1).sub_(tau_bar.mul_(tau).mul_(tau))
-        Y_bar += Y @ P_bar
-        return Y_bar.tril(-1)  # (out of place: vmap has no rule for tril_)
+        # Ȳ = Y P̄ + [Rᵀ; 0] + G Mᵀ, accumulated in Rᵀ's memory for a square X.
+        Y = _unit_trapezoid(X)
+        if X.shape[-2] == k:
+            Y_bar = _add_product_(Rh, Y, P_bar)
+        else:
+            Y_bar = Y @ P_bar
+            Y_bar[..., :k, :] += Rh
+        del Y, P_bar, Rh
+        return _add_product_(Y_bar, grad, packed.tril()).tril_(-1)
+
+
+def _add_product_(out: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """``out += A @ B`` without a temporary for the product (same batch shapes)."""
+    # In place: this backward never runs under torch.func.vmap (there gradients are
+    # recorded, and the branch above is taken), where addmm_ has no batching rule.
+    if out.dim() == 2:
+        return out.addmm_(A, B)
+    if out.dim() == 3:
+        return out.baddbmm_(A, B)
+    out += A @ B
+    return out
 
 
 def _householder_torch(X: Tensor) -> Tensor:
@@ -214,7 +265,8 @@ def householder(X: Tensor, *, algorithm: HouseholderAlgorithm = "auto") -> Tenso
     WY form]): two matrix products and a triangular solve forward, four and one backward.
     Forward plus backward, that is 6x faster than :func:`torch.linalg.householder_product`
     (``"torch"``, which applies the reflectors one at a time) at ``n = k = 256`` on a CPU,
-    14x at 1024, and 15-100x for tall matrices. ``"auto"`` takes ``"wy"`` from
+    14x at 1024, and 15-100x for tall matrices, with a lower peak memory (its backward keeps
+    ``X`` and one ``k x k`` matrix). ``"auto"`` takes ``"wy"`` from
     ``k = 8`` reflectors on; below that the two cost about the same and ``"torch"`` gives
     PyTorch's own rounding. Both support second derivatives and forward-mode AD.
 

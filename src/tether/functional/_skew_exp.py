@@ -33,7 +33,10 @@ SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
 #     Speed (benchmarks/orthogonal_maps.py, one thread): on a CPU an eigendecomposition
 #     costs a few matrix products; forward plus backward break even with
 #     torch.linalg.matrix_exp near n = 32 (where "auto" switches), are 1.5x faster at
-#     n = 64, 5x at 256 and 8-12x at 1024, with a third of its peak memory. On CUDA eigh is
+#     n = 64 (from A = 0, where matrix_exp is cheapest, to ‖A‖₂ ≈ 3), 5x at 256 and 8x at
+#     1024, with a fifth of its peak memory. At small n the time goes to the number of
+#     operations more than to their size, which is why the skew part is taken inside
+#     _SkewExp and why small angles skip the close pairs' indexing. On CUDA eigh is
 #     slow next to matrix products and synchronises with the host, so "auto" keeps
 #     torch.linalg.matrix_exp there (not measured: no GPU was at hand).
 
@@ -55,10 +58,17 @@ SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
 #     which loses at most a factor 6/τ of precision (about 60 eps). The close pairs (the rule
 #     rather than the exception: the eigenvalues of S come in equal pairs) are done in
 #     float64, for both θ ≤ 1 + τ with the power series of s's divided difference in λ,
-#         Γ_s = Σₘ (-1)ᵐ / (2m + 1)! Σ_{p+q=m-1} λᵢᵖ λⱼq     (11 terms reach eps),
+#         Γ_s = Σₘ (-1)ᵐ / (2m + 1)! Σ_{p+q=m-1} λᵢᵖ λⱼq     (at most 11 terms reach eps),
 #     and otherwise with the identity, for u = θ₊/2 > 1 and v = θ₋/2,
 #         Γ_s = (u cos u sinc v - sin u cos v) / (2u θᵢθⱼ),
 #     whose only cancellation, near the roots of tan u = u, stays below eps / u², the scale.
+#     When no angle exceeds _SERIES_ANGLE = 2 (the forward reads the largest), every pair
+#     takes the series instead, in θ's own precision, by Horner's rule for divided
+#     differences: its terms alternate and shrink from the first, |Γ_s| ≥ |s'(4)| > 1/10,
+#     so nothing cancels, and the terms are as many as the largest λ needs for the dtype's
+#     eps (one at A = 0, seven at θ = 2 in float32). That is a few passes over n x n and no
+#     indexing of close pairs, which is what the backward of a small matrix, or of one near
+#     its base point (freshly registered: A = 0, all pairs close), spends its time on.
 #     The backward is first order. When autograd records it (create_graph=True, or
 #     torch.func.grad, which always asks for a graph) it recomputes the exponential with
 #     torch.linalg.matrix_exp and returns that gradient, which can be differentiated again:
@@ -66,7 +76,7 @@ SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
 #     transforms that record nothing in the backward (jacrev, vmap of grad) it returns its
 #     own gradient through _NoSecondDerivative, so that differentiating it again raises an
 #     error instead of treating the map as linear. Forward mode (jvp) is torch's, made of
-#     differentiable operations on A; torch.func cannot nest forward mode over any custom
+#     differentiable operations on X; torch.func cannot nest forward mode over any custom
 #     autograd.Function (jvp of jvp sees a constant), a limitation shared by householder.
 
 # Largest ‖A‖₂ exponentiated without squaring (Note [Exponential of a skew matrix]).
@@ -75,8 +85,11 @@ _MAX_ANGLE = 8.0
 _MIN_SIZE = 32
 # τ of Note [Gradient of the skew exponential]: closer pairs take the series or identity.
 _CLOSE = 0.1
-# Terms of the series, enough for float64's eps when θ ≤ 1 + τ.
+# Most terms of the series: enough for float64's eps when θ ≤ 2 (so also for the close
+# pairs, θ ≤ 1 + τ).
 _SERIES_TERMS = 11
+# Largest θ for which the backward takes every pair from the series.
+_SERIES_ANGLE = 2.0
 
 
 def _sinc(x: Tensor) -> Tensor:
@@ -89,38 +102,79 @@ def _cos_minus_one(x: Tensor) -> Tensor:
     return -2.0 * torch.sin(x / 2) ** 2
 
 
+def _largest(theta: Tensor) -> float:
+    """The largest angle, ``‖A‖₂`` (read from the device)."""
+    return theta.max().item() if theta.numel() else 0.0
+
+
 def _squarings(theta: Tensor) -> int:
     """How many times to halve ``A`` so that its 2-norm is at most ``_MAX_ANGLE``."""
-    largest = theta.max().item() if theta.numel() else 0.0
+    largest = _largest(theta)
     if not largest > _MAX_ANGLE:  # also catches NaN, which squaring would not help
         return 0
     return math.ceil(math.log2(largest / _MAX_ANGLE))
 
 
-def _sinc_slope_close(a: Tensor, b: Tensor) -> Tensor:
+def _series_terms(x_max: float, eps: float) -> int:
+    """Terms of the series of ``Γ_s`` that reach a relative error ``eps`` for ``λ ≤ x_max ≤ 4``."""
+    # The terms alternate and shrink (each is at most 2λ / (2m + 2)(2m + 3) times the one
+    # before), so the first term left out bounds the error, and |Γ_s| ≥ |s'(4)| > 1/10.
+    for terms in range(1, _SERIES_TERMS):
+        if (terms + 1) * x_max**terms / math.factorial(2 * terms + 3) <= eps / 16:
+            return terms
+    return _SERIES_TERMS
+
+
+def _sinc_slope_series(x: Tensor, y: Tensor, terms: int) -> Tensor:
+    """``Γ_s`` for ``λᵢ = x``, ``λⱼ = y`` from its series in ``λ`` (``x``, ``y`` broadcast)."""
+    # Σₘ cₘ hₘ₋₁(x, y), cₘ = (-1)ᵐ / (2m + 1)!, hₘ₋₁ the sum of the monomials of degree m - 1,
+    # by Horner's rule for divided differences: with B_M = c_M and Bⱼ = cⱼ + x Bⱼ₊₁, the sum
+    # is D₀, where D_{M-1} = B_M and Dⱼ = Bⱼ₊₁ + y Dⱼ₊₁. B depends on x alone.
+    coefficients = [(-1) ** m / math.factorial(2 * m + 1) for m in range(terms + 1)]
+    B = torch.full_like(x, coefficients[terms])
+    series = B
+    for j in reversed(range(terms - 1)):
+        B = B * x + coefficients[j + 1]
+        series = torch.addcmul(B, y, series)
+    return series
+
+
+def _sinc_slope_close(a: Tensor, b: Tensor, eps: float | None = None) -> Tensor:
     """``(sinc(a) - sinc(b)) / (a² - b²)`` for close ``a, b ≥ 0``, float64 (the series and
-    identity of Note [Gradient of the skew exponential])."""
-    # Σₘ cₘ hₘ₋₁(x, y), with hₘ = x hₘ₋₁ + yᵐ the sum of the monomials of degree m.
-    x, y = a * a, b * b
-    h, y_power, series = torch.ones_like(x), torch.ones_like(y), torch.zeros_like(x)
-    for m in range(1, _SERIES_TERMS + 1):
-        series += (-1) ** m / math.factorial(2 * m + 1) * h
-        y_power = y_power * y
-        h = x * h + y_power
+    identity of Note [Gradient of the skew exponential]), to a relative error ``eps`` (or
+    float64's when ``eps`` is None, which reads no data from the device)."""
     u, v = (a + b) / 2, (a - b) / 2
+    near = u <= 1
+    x, y = a * a, b * b
+    if eps is None:
+        terms = _SERIES_TERMS
+    else:
+        x_max = torch.where(near, torch.maximum(x, y), 0.0).max().item() if x.numel() else 0.0
+        terms = _series_terms(x_max, eps)
+    series = _sinc_slope_series(x, y, terms)
+    if eps is not None and bool(near.all()):
+        return series
     closed = (u * torch.cos(u) * torch.sinc(v / math.pi) - torch.sin(u) * torch.cos(v)) / (
         2 * u * (a * b)
     )
-    return torch.where(u <= 1, series, closed)
+    return torch.where(near, series, closed)
 
 
-def _divided_differences(theta: Tensor) -> tuple[Tensor, Tensor]:
-    """``Γ_f`` and ``Γ_s`` of Note [Gradient of the skew exponential] for angles ``θ``."""
+def _divided_differences(theta: Tensor, largest: float | None = None) -> tuple[Tensor, Tensor]:
+    """``Γ_f`` and ``Γ_s`` of Note [Gradient of the skew exponential] for angles ``θ``, the
+    largest of which is ``largest`` when given."""
     # torch.sinc(x) is sin(πx) / (πx): work with θ / 2π. In place where it saves a pass.
     half = theta * (0.5 / math.pi)
     sigma = half.unsqueeze(-1) + half.unsqueeze(-2)
     delta = half.unsqueeze(-1) - half.unsqueeze(-2)
     gamma_f = torch.sinc(sigma).mul_(torch.sinc(delta)).mul_(-0.5)
+    if largest is not None and largest <= _SERIES_ANGLE:
+        # Every pair from the series, in θ's precision: fewer passes than the quotients and
+        # the close pairs below when few terms do, and none of their indexing.
+        x = theta.square()
+        terms = _series_terms(largest**2, torch.finfo(theta.dtype).eps)
+        gamma_s = _sinc_slope_series(x.unsqueeze(-1), x.unsqueeze(-2), terms)
+        return gamma_f, gamma_s.expand_as(gamma_f)
     s = torch.sinc(theta / math.pi)
     gap = sigma.mul_(delta).mul_(4 * math.pi**2)  # λᵢ - λⱼ without cancellation
     gamma_s = (s.unsqueeze(-1) - s.unsqueeze(-2)).div_(gap)
@@ -134,21 +188,26 @@ def _divided_differences(theta: Tensor) -> tuple[Tensor, Tensor]:
         a, b = (p.to(torch.float64) for p in pairs)
         return gamma_f, torch.where(close, _sinc_slope_close(a, b).to(theta.dtype), gamma_s)
     a, b = (p[index].to(torch.float64) for p in pairs)
-    gamma_s[index] = _sinc_slope_close(a, b).to(theta.dtype)
+    eps = torch.finfo(theta.dtype).eps
+    gamma_s[index] = _sinc_slope_close(a, b, eps).to(theta.dtype)
     return gamma_f, gamma_s
 
 
-def _backward(grad: Tensor, theta: Tensor, V: Tensor, W: Tensor, powers: Tensor) -> Tensor:
-    """``Ā`` of Note [Gradient of the skew exponential], through the squarings first."""
+def _backward(
+    grad: Tensor, theta: Tensor, V: Tensor, W: Tensor, powers: Tensor, largest: float | None
+) -> Tensor:
+    """``X̄`` for ``A = (X - Xᴴ) / 2``: ``Ā`` of Note [Gradient of the skew exponential],
+    through the squarings first."""
     k = powers.shape[-3]
     for i in reversed(range(k)):
         P = powers[..., i, :, :].mH
         grad = grad @ P + P @ grad
     GV = grad @ V
-    gamma_f, gamma_s = _divided_differences(theta)
+    gamma_f, gamma_s = _divided_differences(theta, largest)
     M = gamma_f * (V.mH @ GV) + gamma_s * (W.mH @ GV)
     A_bar = (GV * _sinc(theta).unsqueeze(-2) + W @ (M + M.mH)) @ V.mH
-    return A_bar * 2.0**-k if k else A_bar
+    # Through the scaling by 2⁻ᵏ and the skew part.
+    return (A_bar - A_bar.mH).mul_(2.0 ** -(k + 1))
 
 
 _NO_SECOND_DERIVATIVE = (
@@ -182,10 +241,13 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 
 class _SkewExp(torch.autograd.Function):
-    """``exp(A)`` for a skew ``A``; see Note [Exponential of a skew matrix]."""
+    """``exp(A)`` of the skew part ``A = (X - Xᴴ) / 2`` of ``X``; see Note [Exponential of a
+    skew matrix]. The skew part is taken here rather than by autograd: two operations fewer
+    to record and run back, which matters for small matrices."""
 
     @staticmethod
-    def forward(A: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        A = (X - X.mH) / 2
         L, V = torch.linalg.eigh(A.mH @ A)
         theta = L.clamp_min(0.0).sqrt()
         k = _squarings(theta)
@@ -212,34 +274,39 @@ class _SkewExp(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept internal
         ctx.save_for_backward(inputs[0], theta, V, W, powers)
         ctx.save_for_forward(inputs[0])
+        try:
+            ctx.largest = _largest(theta)
+        except RuntimeError:  # under torch.func.vmap (no .item()): the general backward
+            ctx.largest = None
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> Tensor | None:
         if grad is None:
             return None
-        A, theta, V, W, powers = ctx.saved_tensors
+        X, theta, V, W, powers = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: a gradient autograd can differentiate again, through
             # torch.linalg.matrix_exp (Note [Gradient of the skew exponential]).
             with torch.enable_grad():
-                Q = torch.linalg.matrix_exp(A)
+                Q = torch.linalg.matrix_exp((X - X.mH) / 2)
             if Q.requires_grad:
-                (A_bar,) = torch.autograd.grad(Q, A, grad, create_graph=True, allow_unused=True)
-                if A_bar is not None:  # None under some nested torch.func transforms
-                    return A_bar
+                (X_bar,) = torch.autograd.grad(Q, X, grad, create_graph=True, allow_unused=True)
+                if X_bar is not None:  # None under some nested torch.func transforms
+                    return X_bar
         with torch.no_grad():
-            A_bar = _backward(grad, theta, V, W, powers)
+            X_bar = _backward(grad, theta, V, W, powers, ctx.largest)
         if torch.is_grad_enabled():
             # Under torch.func transforms nothing is recorded here: make a second derivative
             # fail loudly rather than come out as zero.
-            return _NoSecondDerivative.apply(A_bar, A, grad)  # type: ignore[no-untyped-call]  # untyped in torch
-        return A_bar
+            return _NoSecondDerivative.apply(X_bar, X, grad)  # type: ignore[no-untyped-call]  # untyped in torch
+        return X_bar
 
     @staticmethod
-    def jvp(ctx: Any, A_dot: Tensor) -> tuple[Tensor | None, ...]:
+    def jvp(ctx: Any, X_dot: Tensor) -> tuple[Tensor | None, ...]:
         # Forward mode is rare: torch's way, exp([[A, Ȧ], [0, A]]) = [[Q, Q̇], [0, Q]], made
-        # of differentiable operations on A, so that nested transforms can differentiate it.
-        (A,) = ctx.saved_tensors
+        # of differentiable operations on X, so that nested transforms can differentiate it.
+        (X,) = ctx.saved_tensors
+        A, A_dot = (X - X.mH) / 2, (X_dot - X_dot.mH) / 2
         top = torch.cat([A, A_dot], dim=-1)
         bottom = torch.cat([torch.zeros_like(A), A], dim=-1)
         n = A.shape[-1]
@@ -248,15 +315,15 @@ class _SkewExp(torch.autograd.Function):
 
     @staticmethod
     def vmap(
-        info: Any, in_dims: tuple[int | None], A: Tensor
+        info: Any, in_dims: tuple[int | None], X: Tensor
     ) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         # forward batches over leading dimensions already (sharing one squaring count).
         batch_dim = 0 if in_dims[0] is None else in_dims[0]
-        outputs = _SkewExp.apply(A.movedim(batch_dim, 0))  # type: ignore[no-untyped-call]  # untyped in torch
+        outputs = _SkewExp.apply(X.movedim(batch_dim, 0))  # type: ignore[no-untyped-call]  # untyped in torch
         return outputs, (0, 0, 0, 0, 0)
 
 
-def _algorithm(A: Tensor, algorithm: SkewExpAlgorithm) -> str:
+def _algorithm(X: Tensor, algorithm: SkewExpAlgorithm) -> str:
     if algorithm not in ("auto", "eigh", "torch"):
         raise ValueError(
             f"skew_matrix_exp(): `algorithm` must be one of 'auto', 'eigh', 'torch'; "
@@ -264,11 +331,11 @@ def _algorithm(A: Tensor, algorithm: SkewExpAlgorithm) -> str:
         )
     if algorithm != "auto":
         return algorithm
-    supported = A.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
+    supported = X.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
     if (
         supported
-        and A.device.type == "cpu"
-        and A.shape[-1] >= _MIN_SIZE
+        and X.device.type == "cpu"
+        and X.shape[-1] >= _MIN_SIZE
         and not torch.compiler.is_compiling()
     ):
         return "eigh"
@@ -314,8 +381,7 @@ def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tenso
         >>> torch.allclose(Q.mT @ Q, torch.eye(32, dtype=torch.float64))
         True
     """
-    A = (X - X.mH) / 2
-    if _algorithm(A, algorithm) == "torch":
-        return torch.linalg.matrix_exp(A)
-    Q, *_ = _SkewExp.apply(A)  # type: ignore[no-untyped-call]  # untyped in torch
+    if _algorithm(X, algorithm) == "torch":
+        return torch.linalg.matrix_exp((X - X.mH) / 2)
+    Q, *_ = _SkewExp.apply(X)  # type: ignore[no-untyped-call]  # untyped in torch
     return Q

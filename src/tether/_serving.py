@@ -1,0 +1,144 @@
+"""Serving a given tensor in place of a parametrized one: ``functional_call`` and resets.
+
+While a value is served, reading ``module.<name>`` returns it as it is, without running the
+parametrizations; the originals and the parametrizations' state are not touched. Two users:
+
+- ``torch.func.functional_call(module, {"weight": W}, x)`` uses ``W`` as given, as PyTorch's
+  documentation promises for parametrized modules (Note [functional_call on a parametrized
+  name]).
+- ``reset_parameters()`` of a parametrized module serves a plain tensor to the base class's
+  ``reset_parameters``, which initialises it in place (:mod:`tether._reset`).
+
+Note [functional_call on a parametrized name]
+    ``functional_call`` swaps each given tensor in with ``setattr(module, name, value)`` when
+    ``name`` is neither a parameter nor a buffer, and swaps the previous value back the same
+    way when the call ends. On a parametrized module both land in the property's setter,
+    which for any other caller must assign through ``right_inverse``. The setter recognises
+    ``functional_call`` by the frames above it: torch's ``NamedMemberAccessor
+    .swap_tensors_dict`` called by ``torch.nn.utils.stateless._reparametrize_module``. Each
+    served value remembers the ``_reparametrize_module`` frame that served it (one per
+    ``functional_call``), the ``swap_tensors_dict`` frame (one to swap in, another to swap
+    back) and the exception being handled then: a swap from the same call that comes from
+    another ``swap_tensors_dict`` (the end of the call), or from the same one while a new
+    exception is handled (torch undoing a failed swap-in), ends the serving instead of
+    starting one. Served values form a stack per tensor, so nested calls restore in order.
+    The getter is not involved: serving replaces the chain's ``forward`` on this one
+    ``ParametrizationList`` instance, so reading a parametrized tensor costs the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from types import CodeType, FrameType
+from typing import Any, NamedTuple
+
+from torch import Tensor
+from torch.nn.utils import stateless
+from torch.nn.utils._named_member_accessor import NamedMemberAccessor
+
+from tether import _cache
+from tether._parametrization_list import ParametrizationList
+
+__all__ = ["serving", "swap_from_functional_call"]
+
+_SWAP_DICT = NamedMemberAccessor.swap_tensors_dict.__code__
+
+
+def _code_of_reparametrize() -> CodeType | None:
+    # Private to torch: if a version renames it, functional_call falls back to assigning
+    # through right_inverse, as torch's parametrize does, and tests/test_func.py fails.
+    function = getattr(getattr(stateless, "_reparametrize_module", None), "__wrapped__", None)
+    return getattr(function, "__code__", None)
+
+
+_REPARAMETRIZE = _code_of_reparametrize()
+# Frames between the setter and swap_tensors_dict: the property, Module.__setattr__, tether's
+# __setattr__, a base class's own __setattr__ or two, swap_tensor, the accessor's swap_tensor.
+_MAX_DEPTH = 12
+
+
+class _Served(NamedTuple):
+    value: Tensor | None
+    call: FrameType | None  # the functional_call that served it; None for serving()
+    swap: FrameType | None
+    exception: BaseException | None
+
+
+class _Serve:
+    """Stands for the chain's ``forward`` while a value is served: returns it unchanged."""
+
+    def __init__(self, value: Tensor | None) -> None:
+        self.value = value
+
+    def __call__(self, *args: Any) -> Tensor | None:
+        return self.value
+
+
+def _stack(plist: ParametrizationList) -> list[_Served]:
+    stack: list[_Served] = plist.__dict__.setdefault("_tether_served", [])
+    return stack
+
+
+def _update(plist: ParametrizationList, stack: list[_Served]) -> None:
+    if stack:
+        plist.__dict__["forward"] = _Serve(stack[-1].value)
+    else:
+        plist.__dict__.pop("forward", None)
+        plist.__dict__.pop("_tether_served", None)
+    _cache.invalidate(plist)
+
+
+@contextlib.contextmanager
+def serving(plist: ParametrizationList, value: Tensor) -> Iterator[None]:
+    """Serve ``value`` for ``plist``'s tensor inside the block."""
+    stack = _stack(plist)
+    entry = _Served(value, None, None, None)
+    stack.append(entry)
+    _update(plist, stack)
+    try:
+        yield
+    finally:
+        # By identity: comparing entries would compare their tensors.
+        stack[:] = [other for other in stack if other is not entry]
+        _update(plist, stack)
+
+
+def _functional_call_frames() -> tuple[FrameType, FrameType] | None:
+    """The ``_reparametrize_module`` and ``swap_tensors_dict`` frames above, if any."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_MAX_DEPTH):
+        if frame is None:
+            return None
+        if frame.f_code is _SWAP_DICT:
+            call = frame.f_back
+            if call is not None and call.f_code is _REPARAMETRIZE:
+                return call, frame
+            return None
+        frame = frame.f_back
+    return None
+
+
+def swap_from_functional_call(plist: ParametrizationList, value: Tensor | None) -> bool:
+    """Serve or stop serving ``value`` if ``functional_call`` is assigning it; else ``False``.
+
+    See Note [functional_call on a parametrized name].
+    """
+    frames = _functional_call_frames()
+    if frames is None:
+        return False
+    call, swap = frames
+    exception = sys.exc_info()[1]
+    stack = _stack(plist)
+    top = stack[-1] if stack else None
+    if (
+        top is not None
+        and top.call is call
+        and (top.swap is not swap or top.exception is not exception)
+    ):
+        stack.pop()
+    else:
+        stack.append(_Served(value, call, swap, exception))
+    _update(plist, stack)
+    return True
