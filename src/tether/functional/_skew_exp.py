@@ -8,6 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from tether.functional._first_order import first_order
+
 __all__ = ["skew_matrix_exp"]
 
 SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
@@ -74,7 +76,7 @@ SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
 #     torch.linalg.matrix_exp and returns that gradient, which can be differentiated again:
 #     exact second derivatives at PyTorch's cost, only when a graph is asked for. Under
 #     transforms that record nothing in the backward (jacrev, vmap of grad) it returns its
-#     own gradient through _NoSecondDerivative, so that differentiating it again raises an
+#     own gradient through first_order, so that differentiating it again raises an
 #     error instead of treating the map as linear. Forward mode (jvp) is torch's, made of
 #     differentiable operations on X; torch.func cannot nest forward mode over any custom
 #     autograd.Function (jvp of jvp sees a constant), a limitation shared by householder.
@@ -218,28 +220,6 @@ _NO_SECOND_DERIVATIVE = (
 )
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    """Passes a first-order gradient on; differentiating it raises an error."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(gradient: Tensor, *_: Tensor) -> Tensor:
-        return gradient.clone()
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *_: Tensor) -> tuple[None, ...]:
-        raise RuntimeError(_NO_SECOND_DERIVATIVE)
-
-    @staticmethod
-    def jvp(ctx: Any, *_: Tensor) -> Tensor:
-        raise RuntimeError(_NO_SECOND_DERIVATIVE)
-
-
 class _SkewExp(torch.autograd.Function):
     """``exp(A)`` of the skew part ``A = (X - Xᴴ) / 2`` of ``X``; see Note [Exponential of a
     skew matrix]. The skew part is taken here rather than by autograd: two operations fewer
@@ -298,7 +278,7 @@ class _SkewExp(torch.autograd.Function):
         if torch.is_grad_enabled():
             # Under torch.func transforms nothing is recorded here: make a second derivative
             # fail loudly rather than come out as zero.
-            return _NoSecondDerivative.apply(X_bar, X, grad)  # type: ignore[no-untyped-call]  # untyped in torch
+            return first_order(X_bar, _NO_SECOND_DERIVATIVE, X, grad)
         return X_bar
 
     @staticmethod
