@@ -16,15 +16,18 @@ from torch._dynamo.backends.registry import lookup_backend
 import tether
 
 N = 6
+# From 32 on, tether's orthogonal map is the eigendecomposition, under the compiler as a
+# custom operator (Note [The skew exponential under torch.compile]).
+WIDE = 40
 STEPS = 20
 UPDATE_BASE_EVERY = 5
 TIME_STEPS = 4
 
 
-def make_model(autocache: bool) -> nn.Sequential:
+def make_model(autocache: bool, width: int = N) -> nn.Sequential:
     """An orthogonal, a spectrally normalized and a pruned layer."""
     model = nn.Sequential(
-        nn.Linear(N, N), nn.Tanh(), nn.Linear(N, N), nn.Tanh(), nn.Linear(N, 3)
+        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3)
     ).double()
     tether.orthogonal(model[0])
     tether.spectral_norm(model[2])
@@ -57,18 +60,22 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1000 * torch.finfo(dtype).eps
 
 
+@pytest.mark.parametrize("width", [N, WIDE])
 @pytest.mark.parametrize("autocache", [False, True], ids=["plain", "autocache"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_dynamo_finds_no_graph_breaks(autocache, training):
-    model = make_model(autocache).train(training)
-    explanation = torch._dynamo.explain(model)(torch.randn(5, N, dtype=torch.float64))
+def test_dynamo_finds_no_graph_breaks(autocache, training, width):
+    model = make_model(autocache, width).train(training)
+    explanation = torch._dynamo.explain(model)(torch.randn(5, width, dtype=torch.float64))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+    targets = {str(node.target) for node in explanation.graphs[0].graph.nodes}
+    assert ("tether.skew_exp.default" in targets) == (width >= 32)
 
 
+@pytest.mark.parametrize("width", [N, WIDE])
 @pytest.mark.parametrize("autocache", [False, True], ids=["plain", "autocache"])
-def test_training_compiles_once_and_matches_eager(autocache):
-    model = make_model(autocache)
+def test_training_compiles_once_and_matches_eager(autocache, width):
+    model = make_model(autocache, width)
     eager = copy.deepcopy(model)
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -76,7 +83,7 @@ def test_training_compiles_once_and_matches_eager(autocache):
     tol = tolerance(torch.float64)
 
     for step in range(STEPS):
-        x = torch.randn(5, N, dtype=torch.float64)
+        x = torch.randn(5, width, dtype=torch.float64)
         outputs = [compiled(x), eager(x)]
         torch.testing.assert_close(outputs[0], outputs[1], rtol=tol, atol=tol)
         for output, optimizer in zip(outputs, optimizers, strict=True):
@@ -98,22 +105,28 @@ def test_training_compiles_once_and_matches_eager(autocache):
 class Recurrent(nn.Module):
     """Runs an RNN cell with an orthogonal recurrent kernel over the time steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = N) -> None:
         super().__init__()
-        self.cell = tether.orthogonal(nn.RNNCell(N, N), "weight_hh")
+        self.width = width
+        self.cell = tether.orthogonal(nn.RNNCell(width, width), "weight_hh")
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        h = xs.new_zeros(xs.shape[1], N)
+        h = xs.new_zeros(xs.shape[1], self.width)
         for x in xs:
             h = self.cell(x, h)
         return h
 
 
 def matrix_exps(gm: torch.fx.GraphModule) -> int:
-    return sum("matrix_exp" in str(node.target) for node in gm.graph.nodes)
+    """Evaluations of the orthogonal map: torch's ``matrix_exp`` or tether's operator."""
+    return sum(
+        "matrix_exp" in str(node.target) or str(node.target) == "tether.skew_exp.default"
+        for node in gm.graph.nodes
+    )
 
 
-def test_compiled_recurrent_model_computes_the_kernel_once_per_graph():
+@pytest.mark.parametrize("width", [N, WIDE])
+def test_compiled_recurrent_model_computes_the_kernel_once_per_graph(width):
     # autocache does nothing under compile (Note [autocache hooks]): the graph holds one
     # evaluation per read, which AOTAutograd's common subexpression elimination merges.
     forward_graphs: list[torch.fx.GraphModule] = []
@@ -127,9 +140,9 @@ def test_compiled_recurrent_model_computes_the_kernel_once_per_graph():
         bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
         partition_fn=min_cut_rematerialization_partition,
     )
-    model = tether.autocache(Recurrent())
+    model = tether.autocache(Recurrent(width))
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    compiled(torch.randn(TIME_STEPS, 2, N)).sum().backward()
+    compiled(torch.randn(TIME_STEPS, 2, width)).sum().backward()
     assert matrix_exps(forward_graphs[0]) == 1
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether.functional import skew_matrix_exp, skew_part
-from tether.functional._skew_exp import _divided_differences
+from tether.functional._skew_exp_math import _divided_differences
 
 REAL = [torch.float32, torch.float64]
 SCALES = [0.0, 1e-3, 1.0, 10.0, 100.0]
@@ -250,16 +250,81 @@ def test_auto_is_torch_below_32_and_eigh_from_32_on_a_cpu():
     assert type(skew_matrix_exp(large).grad_fn).__name__ == "_SkewExpBackward"
 
 
-def test_compile_fullgraph_takes_torch_path():
-    torch._dynamo.reset()
-    X = torch.randn(40, 40)
-    compiled = torch.compile(skew_matrix_exp, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(X), torch.linalg.matrix_exp(skew_part(X)))
-
-
 def test_unknown_algorithm_is_rejected_with_the_allowed_values():
     with pytest.raises(ValueError, match=r"'auto', 'eigh', 'torch'; got 'pade'"):
         skew_matrix_exp(torch.zeros(2, 2), algorithm="pade")  # type: ignore[arg-type]
+
+
+# Under torch.compile: two custom operators (Note [The skew exponential under torch.compile])
+
+OP_CASES = {
+    "float64": ((33, 33), torch.float64, 1.0),
+    "batched float32, squarings": ((2, 33, 33), torch.float32, 40.0),
+    "complex128": ((34, 34), torch.complex128, 3.0),
+}
+
+
+@pytest.mark.parametrize(("shape", "dtype", "norm"), list(OP_CASES.values()), ids=list(OP_CASES))
+def test_custom_operators_pass_torch_opcheck(shape, dtype, norm):
+    generator = torch.Generator().manual_seed(0)
+    X = skew(shape, dtype, generator, norm).requires_grad_()
+    torch.library.opcheck(torch.ops.tether.skew_exp.default, (X,))
+    _, theta, V, W, k = torch.ops.tether.skew_exp(X.detach())
+    grad = torch.randn(shape, dtype=dtype, generator=generator)
+    torch.library.opcheck(torch.ops.tether.skew_exp_backward.default, (grad, theta, V, W, k))
+
+
+@pytest.mark.parametrize("norm", [0.0, 3.0, 50.0])
+def test_compiled_value_and_gradient_match_eager(norm):
+    torch._dynamo.reset()
+    X = skew((2, 40, 40), torch.float64, torch.Generator().manual_seed(1), norm)
+    G = torch.randn_like(X)
+    compiled = torch.compile(skew_matrix_exp, fullgraph=True, backend="aot_eager")
+    results = []
+    for function in (compiled, skew_matrix_exp):
+        leaf = X.clone().requires_grad_()
+        Q = function(leaf)
+        (Q * G).sum().backward()
+        results.append((Q.detach(), leaf.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_graph_holds_the_custom_operator_without_breaks():
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(skew_matrix_exp)(torch.randn(40, 40))
+    assert explanation.graph_break_count == 0
+    (graph,) = explanation.graphs
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert "tether.skew_exp.default" in targets
+    assert not any("matrix_exp" in target for target in targets)
+
+
+@FORWARD_AD
+def test_gradcheck_through_the_compiled_operators():
+    torch._dynamo.reset()
+    compiled = torch.compile(skew_matrix_exp, backend="aot_eager")
+    X = skew((33, 33), torch.float64, torch.Generator().manual_seed(2), 12.0).requires_grad_()
+    assert torch.autograd.gradcheck(compiled, (X,))
+
+
+def test_compiled_second_derivatives_raise_instead_of_coming_out_wrong():
+    torch._dynamo.reset()
+    compiled = torch.compile(skew_matrix_exp, backend="aot_eager")
+    X = torch.randn(33, 33, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(compiled(X).sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+def test_export_takes_torch_matrix_exp_so_that_the_program_needs_only_torch():
+    class Exponential(torch.nn.Module):
+        def forward(self, X: torch.Tensor) -> torch.Tensor:
+            return skew_matrix_exp(X)
+
+    program = torch.export.export(Exponential(), (torch.randn(40, 40),))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert any("matrix_exp" in target for target in targets)
+    assert not any("tether" in target for target in targets)
 
 
 # The divided differences of the backward, against 40-digit arithmetic

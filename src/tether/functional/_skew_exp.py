@@ -1,76 +1,29 @@
-"""The exponential of a skew-symmetric (skew-Hermitian) matrix from one eigendecomposition."""
+"""The exponential of a skew-symmetric (skew-Hermitian) matrix from one eigendecomposition,
+for autograd and for ``torch.compile``."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from tether.functional._first_order import first_order
+from tether.functional._skew_exp_math import (
+    MIN_SIZE,
+    exponential,
+    gradient,
+    largest_angle,
+    powers,
+)
 
 __all__ = ["skew_matrix_exp"]
 
 SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
 
-# Note [Exponential of a skew matrix]
-#     For a skew-symmetric (skew-Hermitian) A, A² = -S with S = AᴴA Hermitian and positive
-#     semidefinite, so the even and odd terms of the exponential series are functions of S:
-#         exp(A) = cos(√S) + A sinc(√S) = I + V f(Λ) Vᴴ + W s(Λ) Vᴴ,    W = A V,
-#     with S = V Λ Vᴴ, f(λ) = cos√λ - 1 and s(λ) = sin√λ / √λ. One Hermitian
-#     eigendecomposition and three matrix products replace scaling and squaring's ~10
-#     products, and the backward (Note [Gradient of the skew exponential]) takes five more,
-#     where torch.linalg.matrix_exp's backward exponentiates a 2n x 2n block matrix. f and s
-#     are entire functions of λ, so the eigenvalues (paired, often equal) need no care here;
-#     writing cos - 1 rather than cos keeps the error proportional to A near the identity.
-#
-#     Accuracy: eigh resolves the eigenvalues of S to eps ‖S‖ = eps ‖A‖₂², which is the
-#     error this formula makes where A is small, against eps ‖A‖ for scaling and squaring.
-#     When ‖A‖₂ > _MAX_ANGLE the forward exponentiates A / 2ᵏ and squares k times, which
-#     brings the error back to order eps ‖A‖ (the scaling divides it by 4ᵏ, the squarings
-#     double it k times). k is read from the data (.item()), so under torch.compile "auto"
-#     takes torch.linalg.matrix_exp, whose graph does not depend on the data.
-#
-#     Speed (benchmarks/orthogonal_maps.py, one thread): on a CPU an eigendecomposition
-#     costs a few matrix products; forward plus backward break even with
-#     torch.linalg.matrix_exp near n = 32 (where "auto" switches), are 1.5x faster at
-#     n = 64 (from A = 0, where matrix_exp is cheapest, to ‖A‖₂ ≈ 3), 5x at 256 and 8x at
-#     1024, with a fifth of its peak memory. At small n the time goes to the number of
-#     operations more than to their size, which is why the skew part is taken inside
-#     _SkewExp and why small angles skip the close pairs' indexing. On CUDA eigh is
-#     slow next to matrix products and synchronises with the host, so "auto" keeps
-#     torch.linalg.matrix_exp there (not measured: no GPU was at hand).
-
-# Note [Gradient of the skew exponential]
-#     Q = I + F + A D with F = f(S), D = s(S), S = AᴴA. For a cotangent G of Q,
-#         Ā = G D + A (S̄ + S̄ᴴ),   S̄ = V (Γ_f ∘ (Vᴴ G V) + Γ_s ∘ (Vᴴ Aᴴ G V)) Vᴴ,
-#     by the Daleckii-Krein formula for the spectral functions f and s (see Note [Gradients
-#     of spectral functions] in _symmetric.py), where Γ_g[i, j] = (g(λᵢ) - g(λⱼ)) / (λᵢ - λⱼ)
-#     is g's divided difference, g'(λᵢ) when λᵢ = λⱼ. Both terms start from G V:
-#     Ā = ((G V) s(Λ) + W (M + Mᴴ)) Vᴴ with M the bracket, five products in all. This is the
-#     exact gradient of A ↦ I + f(AᴴA) + A s(AᴴA), which equals exp(A) on the skew matrices;
-#     skew_matrix_exp applies it to the skew part of its input, so what it returns is the
-#     exact gradient of X ↦ exp((X - Xᴴ)/2) in every direction.
-#
-#     The divided differences are evaluated without cancellation. With θ = √λ, θ₊ = θᵢ + θⱼ,
-#     θ₋ = θᵢ - θⱼ (so λᵢ - λⱼ = θ₊θ₋, exactly as computed):
-#         Γ_f = -½ sinc(θ₊/2) sinc(θ₋/2)                 (an identity; no branches)
-#         Γ_s = (s(λᵢ) - s(λⱼ)) / (θ₊θ₋)                 when min(|θ₊θ₋|, |θ₋|) ≥ τ,
-#     which loses at most a factor 6/τ of precision (about 60 eps). The close pairs (the rule
-#     rather than the exception: the eigenvalues of S come in equal pairs) are done in
-#     float64, for both θ ≤ 1 + τ with the power series of s's divided difference in λ,
-#         Γ_s = Σₘ (-1)ᵐ / (2m + 1)! Σ_{p+q=m-1} λᵢᵖ λⱼq     (at most 11 terms reach eps),
-#     and otherwise with the identity, for u = θ₊/2 > 1 and v = θ₋/2,
-#         Γ_s = (u cos u sinc v - sin u cos v) / (2u θᵢθⱼ),
-#     whose only cancellation, near the roots of tan u = u, stays below eps / u², the scale.
-#     When no angle exceeds _SERIES_ANGLE = 2 (the forward reads the largest), every pair
-#     takes the series instead, in θ's own precision, by Horner's rule for divided
-#     differences: its terms alternate and shrink from the first, |Γ_s| ≥ |s'(4)| > 1/10,
-#     so nothing cancels, and the terms are as many as the largest λ needs for the dtype's
-#     eps (one at A = 0, seven at θ = 2 in float32). That is a few passes over n x n and no
-#     indexing of close pairs, which is what the backward of a small matrix, or of one near
-#     its base point (freshly registered: A = 0, all pairs close), spends its time on.
+# Note [Derivatives of skew_matrix_exp]
+#     The arithmetic is in _skew_exp_math.py (Note [Exponential of a skew matrix], Note
+#     [Gradient of the skew exponential]); this module records it for autograd.
 #     The backward is first order. When autograd records it (create_graph=True, or
 #     torch.func.grad, which always asks for a graph) it recomputes the exponential with
 #     torch.linalg.matrix_exp and returns that gradient, which can be differentiated again:
@@ -81,136 +34,19 @@ SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
 #     differentiable operations on X; torch.func cannot nest forward mode over any custom
 #     autograd.Function (jvp of jvp sees a constant), a limitation shared by householder.
 
-# Largest ‖A‖₂ exponentiated without squaring (Note [Exponential of a skew matrix]).
-_MAX_ANGLE = 8.0
-# Smallest n for which "auto" takes the eigendecomposition on a CPU.
-_MIN_SIZE = 32
-# τ of Note [Gradient of the skew exponential]: closer pairs take the series or identity.
-_CLOSE = 0.1
-# Most terms of the series: enough for float64's eps when θ ≤ 2 (so also for the close
-# pairs, θ ≤ 1 + τ).
-_SERIES_TERMS = 11
-# Largest θ for which the backward takes every pair from the series.
-_SERIES_ANGLE = 2.0
 
-
-def _sinc(x: Tensor) -> Tensor:
-    """``sin(x) / x``, 1 at 0 (no autograd: the 0/0 it drops would poison a gradient)."""
-    return torch.where(x == 0, 1.0, torch.sin(x) / x)
-
-
-def _cos_minus_one(x: Tensor) -> Tensor:
-    """``cos(x) - 1`` without cancellation near 0."""
-    return -2.0 * torch.sin(x / 2) ** 2
-
-
-def _largest(theta: Tensor) -> float:
-    """The largest angle, ``‖A‖₂`` (read from the device)."""
-    return theta.max().item() if theta.numel() else 0.0
-
-
-def _squarings(theta: Tensor) -> int:
-    """How many times to halve ``A`` so that its 2-norm is at most ``_MAX_ANGLE``."""
-    largest = _largest(theta)
-    if not largest > _MAX_ANGLE:  # also catches NaN, which squaring would not help
-        return 0
-    return math.ceil(math.log2(largest / _MAX_ANGLE))
-
-
-def _series_terms(x_max: float, eps: float) -> int:
-    """Terms of the series of ``Γ_s`` that reach a relative error ``eps`` for ``λ ≤ x_max ≤ 4``."""
-    # The terms alternate and shrink (each is at most 2λ / (2m + 2)(2m + 3) times the one
-    # before), so the first term left out bounds the error, and |Γ_s| ≥ |s'(4)| > 1/10.
-    for terms in range(1, _SERIES_TERMS):
-        if (terms + 1) * x_max**terms / math.factorial(2 * terms + 3) <= eps / 16:
-            return terms
-    return _SERIES_TERMS
-
-
-def _sinc_slope_series(x: Tensor, y: Tensor, terms: int) -> Tensor:
-    """``Γ_s`` for ``λᵢ = x``, ``λⱼ = y`` from its series in ``λ`` (``x``, ``y`` broadcast)."""
-    # Σₘ cₘ hₘ₋₁(x, y), cₘ = (-1)ᵐ / (2m + 1)!, hₘ₋₁ the sum of the monomials of degree m - 1,
-    # by Horner's rule for divided differences: with B_M = c_M and Bⱼ = cⱼ + x Bⱼ₊₁, the sum
-    # is D₀, where D_{M-1} = B_M and Dⱼ = Bⱼ₊₁ + y Dⱼ₊₁. B depends on x alone.
-    coefficients = [(-1) ** m / math.factorial(2 * m + 1) for m in range(terms + 1)]
-    B = torch.full_like(x, coefficients[terms])
-    series = B
-    for j in reversed(range(terms - 1)):
-        B = B * x + coefficients[j + 1]
-        series = torch.addcmul(B, y, series)
-    return series
-
-
-def _sinc_slope_close(a: Tensor, b: Tensor, eps: float | None = None) -> Tensor:
-    """``(sinc(a) - sinc(b)) / (a² - b²)`` for close ``a, b ≥ 0``, float64 (the series and
-    identity of Note [Gradient of the skew exponential]), to a relative error ``eps`` (or
-    float64's when ``eps`` is None, which reads no data from the device)."""
-    u, v = (a + b) / 2, (a - b) / 2
-    near = u <= 1
-    x, y = a * a, b * b
-    if eps is None:
-        terms = _SERIES_TERMS
-    else:
-        x_max = torch.where(near, torch.maximum(x, y), 0.0).max().item() if x.numel() else 0.0
-        terms = _series_terms(x_max, eps)
-    series = _sinc_slope_series(x, y, terms)
-    if eps is not None and bool(near.all()):
-        return series
-    closed = (u * torch.cos(u) * torch.sinc(v / math.pi) - torch.sin(u) * torch.cos(v)) / (
-        2 * u * (a * b)
-    )
-    return torch.where(near, series, closed)
-
-
-def _divided_differences(theta: Tensor, largest: float | None = None) -> tuple[Tensor, Tensor]:
-    """``Γ_f`` and ``Γ_s`` of Note [Gradient of the skew exponential] for angles ``θ``, the
-    largest of which is ``largest`` when given."""
-    # torch.sinc(x) is sin(πx) / (πx): work with θ / 2π. In place where it saves a pass.
-    half = theta * (0.5 / math.pi)
-    sigma = half.unsqueeze(-1) + half.unsqueeze(-2)
-    delta = half.unsqueeze(-1) - half.unsqueeze(-2)
-    gamma_f = torch.sinc(sigma).mul_(torch.sinc(delta)).mul_(-0.5)
-    if largest is not None and largest <= _SERIES_ANGLE:
-        # Every pair from the series, in θ's precision: fewer passes than the quotients and
-        # the close pairs below when few terms do, and none of their indexing.
-        x = theta.square()
-        terms = _series_terms(largest**2, torch.finfo(theta.dtype).eps)
-        gamma_s = _sinc_slope_series(x.unsqueeze(-1), x.unsqueeze(-2), terms)
-        return gamma_f, gamma_s.expand_as(gamma_f)
-    s = torch.sinc(theta / math.pi)
-    gap = sigma.mul_(delta).mul_(4 * math.pi**2)  # λᵢ - λⱼ without cancellation
-    gamma_s = (s.unsqueeze(-1) - s.unsqueeze(-2)).div_(gap)
-    # min(|λᵢ - λⱼ|, |θᵢ - θⱼ|) < τ is |λᵢ - λⱼ| < τ max(1, θᵢ + θⱼ).
-    close = torch.minimum(gap.abs_(), delta.abs_().mul_(2 * math.pi)) < _CLOSE
-    pairs = theta.unsqueeze(-1).expand_as(close), theta.unsqueeze(-2).expand_as(close)
-    try:
-        index = close.nonzero(as_tuple=True)
-    except RuntimeError:
-        # Under torch.func.vmap (no batching rule for nonzero): every pair, then select.
-        a, b = (p.to(torch.float64) for p in pairs)
-        return gamma_f, torch.where(close, _sinc_slope_close(a, b).to(theta.dtype), gamma_s)
-    a, b = (p[index].to(torch.float64) for p in pairs)
-    eps = torch.finfo(theta.dtype).eps
-    gamma_s[index] = _sinc_slope_close(a, b, eps).to(theta.dtype)
-    return gamma_f, gamma_s
-
-
-def _backward(
-    grad: Tensor, theta: Tensor, V: Tensor, W: Tensor, powers: Tensor, largest: float | None
-) -> Tensor:
-    """``X̄`` for ``A = (X - Xᴴ) / 2``: ``Ā`` of Note [Gradient of the skew exponential],
-    through the squarings first."""
-    k = powers.shape[-3]
-    for i in reversed(range(k)):
-        P = powers[..., i, :, :].mH
-        grad = grad @ P + P @ grad
-    GV = grad @ V
-    gamma_f, gamma_s = _divided_differences(theta, largest)
-    M = gamma_f * (V.mH @ GV) + gamma_s * (W.mH @ GV)
-    A_bar = (GV * _sinc(theta).unsqueeze(-2) + W @ (M + M.mH)) @ V.mH
-    # Through the scaling by 2⁻ᵏ and the skew part.
-    return (A_bar - A_bar.mH).mul_(2.0 ** -(k + 1))
-
+# Note [The skew exponential under torch.compile]
+#     The number of squarings, and the backward's choices of series and close pairs, are
+#     read from the data with .item(), which torch.compile cannot trace. Under the compiler
+#     the exponential and its gradient are therefore two custom operators, tether::skew_exp
+#     and tether::skew_exp_backward, opaque to it: a compiled model takes the same fast path
+#     as an eager one, with no graph break, and the graph does not depend on the data, so
+#     nothing recompiles as the weights move. The forward returns the squaring count as a
+#     tensor instead of the matrices it squared (whose number is data-dependent); the
+#     backward squares again, which costs k products only in the rare case k > 0. The
+#     operators are first order: a second derivative through them raises. torch.export
+#     with algorithm="auto" takes torch.linalg.matrix_exp, so that an exported program
+#     needs nothing but torch.
 
 _NO_SECOND_DERIVATIVE = (
     "skew_matrix_exp(algorithm='eigh') has no second derivative under this torch.func "
@@ -227,35 +63,17 @@ class _SkewExp(torch.autograd.Function):
 
     @staticmethod
     def forward(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        A = (X - X.mH) / 2
-        L, V = torch.linalg.eigh(A.mH @ A)
-        theta = L.clamp_min(0.0).sqrt()
-        k = _squarings(theta)
-        if k:
-            A = A * 2.0**-k
-            theta = theta * 2.0**-k
-        W = A @ V
-        Q = (V * _cos_minus_one(theta).unsqueeze(-2) + W * _sinc(theta).unsqueeze(-2)) @ V.mH
-        Q.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        # Q before each squaring, for the backward; shape (*, k, n, n).
-        powers = [Q]
-        for _ in range(k):
-            powers.append(powers[-1] @ powers[-1])
-        if k:
-            stacked = torch.stack(powers[:-1], dim=-3)
-        else:
-            stacked = Q.new_zeros((*Q.shape[:-2], 0, *Q.shape[-2:]))
-        return powers[-1], theta, V, W, stacked
+        return exponential(X)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        _, theta, V, W, powers = output
-        ctx.mark_non_differentiable(theta, V, W, powers)
+        _, theta, V, W, squared = output
+        ctx.mark_non_differentiable(theta, V, W, squared)
         ctx.set_materialize_grads(False)  # no zero gradients for the outputs kept internal
-        ctx.save_for_backward(inputs[0], theta, V, W, powers)
+        ctx.save_for_backward(inputs[0], theta, V, W, squared)
         ctx.save_for_forward(inputs[0])
         try:
-            ctx.largest = _largest(theta)
+            ctx.largest = largest_angle(theta)
         except RuntimeError:  # under torch.func.vmap (no .item()): the general backward
             ctx.largest = None
 
@@ -263,7 +81,7 @@ class _SkewExp(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> Tensor | None:
         if grad is None:
             return None
-        X, theta, V, W, powers = ctx.saved_tensors
+        X, theta, V, W, squared = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: a gradient autograd can differentiate again, through
             # torch.linalg.matrix_exp (Note [Gradient of the skew exponential]).
@@ -274,7 +92,7 @@ class _SkewExp(torch.autograd.Function):
                 if X_bar is not None:  # None under some nested torch.func transforms
                     return X_bar
         with torch.no_grad():
-            X_bar = _backward(grad, theta, V, W, powers, ctx.largest)
+            X_bar = gradient(grad, theta, V, W, squared, ctx.largest)
         if torch.is_grad_enabled():
             # Under torch.func transforms nothing is recorded here: make a second derivative
             # fail loudly rather than come out as zero.
@@ -303,6 +121,53 @@ class _SkewExp(torch.autograd.Function):
         return outputs, (0, 0, 0, 0, 0)
 
 
+@torch.library.custom_op("tether::skew_exp", mutates_args=())
+def _skew_exp_op(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``exp((X - Xᴴ) / 2)``, ``θ``, ``V``, ``W`` and the number of squarings, a 0-d tensor."""
+    Q, theta, V, W, squared = exponential(X)
+    k = torch.tensor(squared.shape[-3], device=X.device)
+    # Contiguous, as the fake outputs are (eigh returns V column-major).
+    return Q.contiguous(), theta, V.contiguous(), W.contiguous(), k
+
+
+@_skew_exp_op.register_fake
+def _(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    square = X.new_empty(X.shape)
+    theta = X.new_empty(X.shape[:-1], dtype=X.real.dtype)
+    return (
+        square,
+        theta,
+        X.new_empty(X.shape),
+        X.new_empty(X.shape),
+        X.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("tether::skew_exp_backward", mutates_args=())
+def _skew_exp_backward_op(grad: Tensor, theta: Tensor, V: Tensor, W: Tensor, k: Tensor) -> Tensor:
+    """``X̄`` from the cotangent of ``exp(A)`` and what :func:`_skew_exp_op` returned."""
+    X_bar = gradient(grad, theta, V, W, powers(theta, V, W, int(k)), largest_angle(theta))
+    return X_bar.contiguous()
+
+
+@_skew_exp_backward_op.register_fake
+def _(grad: Tensor, theta: Tensor, V: Tensor, W: Tensor, k: Tensor) -> Tensor:
+    return V.new_empty(V.shape)
+
+
+def _setup_op_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    ctx.save_for_backward(*output[1:])
+
+
+def _op_backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> Tensor | None:
+    if grad is None:
+        return None
+    return _skew_exp_backward_op(grad, *ctx.saved_tensors)
+
+
+_skew_exp_op.register_autograd(_op_backward, setup_context=_setup_op_context)
+
+
 def _algorithm(X: Tensor, algorithm: SkewExpAlgorithm) -> str:
     if algorithm not in ("auto", "eigh", "torch"):
         raise ValueError(
@@ -315,8 +180,8 @@ def _algorithm(X: Tensor, algorithm: SkewExpAlgorithm) -> str:
     if (
         supported
         and X.device.type == "cpu"
-        and X.shape[-1] >= _MIN_SIZE
-        and not torch.compiler.is_compiling()
+        and X.shape[-1] >= MIN_SIZE
+        and not torch.compiler.is_exporting()
     ):
         return "eigh"
     return "torch"
@@ -338,8 +203,11 @@ def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tenso
     :func:`torch.linalg.matrix_exp`, and nested :mod:`torch.func` transforms that would need
     them raise an error. ``"torch"`` calls :func:`torch.linalg.matrix_exp`. ``"auto"`` takes
     ``"eigh"`` on a CPU for ``n >= 32`` in single or double precision, real or complex,
-    outside :func:`torch.compile`, and ``"torch"`` otherwise (small ``n``, other dtypes, and
-    CUDA, where matrix products are cheap next to an eigendecomposition).
+    and ``"torch"`` otherwise (small ``n``, other dtypes, CUDA, where matrix products are
+    cheap next to an eigendecomposition, and :func:`torch.export.export`, so that an
+    exported program needs only torch). Under :func:`torch.compile` ``"eigh"`` runs as two
+    custom operators (``tether::skew_exp`` and its backward) that the compiler keeps whole:
+    no graph break, no recompilation as the weights change, first derivatives only.
 
     Args:
         X: shape ``(*, n, n)``.
@@ -363,5 +231,7 @@ def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tenso
     """
     if _algorithm(X, algorithm) == "torch":
         return torch.linalg.matrix_exp((X - X.mH) / 2)
+    if torch.compiler.is_compiling():
+        return _skew_exp_op(X)[0]
     Q, *_ = _SkewExp.apply(X)  # type: ignore[no-untyped-call]  # untyped in torch
     return Q
