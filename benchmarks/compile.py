@@ -13,7 +13,7 @@ import copy
 import time
 
 import torch
-from _timing import measure, ms, rows, table
+from _timing import measure, ms, paired_ratio, rows, table, target
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.nn.utils import parametrizations as torch_parametrizations
@@ -85,6 +85,9 @@ def run(quick: bool = False) -> str:
         candidates[f"{label}, compiled"] = step
         compile_rows.append([label, f"{first:.1f}", graphs, breaks])
     times = measure(candidates, 0.5 if quick else 4.0, rounds=1 if quick else 10)
+    speedup = paired_ratio(times["torch, compiled"], times["tether, compiled"])
+    breaks = sum(row[3] for row in compile_rows if row[0] == "tether")
+    graphs = sum(row[2] for row in compile_rows if row[0] == "tether")
     return "\n\n".join(
         [
             f"### Training step, `Linear({WIDTH}, {WIDTH})` x 3 (orthogonal, spectral norm, "
@@ -94,6 +97,13 @@ def run(quick: bool = False) -> str:
                 rows(times, "tether, compiled", ms),
             ),
             table(["library", "first step (s)", "graphs compiled", "graph breaks"], compile_rows),
+            "\n".join(
+                [
+                    target("torch compiled / tether compiled", speedup, ">= 1", speedup >= 1),
+                    target("tether graph breaks", breaks, "0", breaks == 0),
+                    target("tether graphs compiled in 4 steps", graphs, "1", graphs == 1),
+                ]
+            ),
         ]
     )
 
