@@ -54,6 +54,23 @@ class InverseReturnsNumber(nn.Module):
         return 3
 
 
+class InverseReturnsTwo(nn.Module):
+    """A right_inverse that returns two tensors for a forward that takes one."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+    def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return X, X
+
+
+class TakesTwo(nn.Module):
+    """A forward that takes two tensors, with no right_inverse to make them."""
+
+    def forward(self, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return X + Y
+
+
 class ChangesShape(nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return X[:-1]
@@ -228,6 +245,22 @@ REGISTRATION_MISUSES = {
         ValueError,
         "Linear.weight",
         r"right_inverse.*must return a Tensor",
+    ),
+    "right_inverse_returns_more_than_forward_takes": Misuse(
+        plain_linear,
+        "weight",
+        InverseReturnsTwo,
+        TypeError,
+        "Linear.weight",
+        r"returned 2 tensors.*forward\(X\) does not take.*a tuple of k tensors",
+    ),
+    "forward_takes_more_than_right_inverse_returns": Misuse(
+        plain_linear,
+        "weight",
+        TakesTwo,
+        TypeError,
+        "Linear.weight",
+        r"returned one tensor.*forward\(X, Y\) does not take.*one tensor for forward\(X\)",
     ),
     "forward_changes_shape": Misuse(
         plain_linear, "weight", ChangesShape, ValueError, "Linear.weight", r"unsafe=True"

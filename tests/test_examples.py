@@ -98,8 +98,9 @@ def test_lipschitz_classifier_bound_holds(one_thread):
     assert results["unconstrained"][1] > bound
 
 
-def test_normalizing_flow_beats_a_gaussian_and_inverts(capsys, one_thread):
-    nll = load("normalizing_flow.py")["main"](["--quick"])
+def test_normalizing_flow_beats_a_gaussian_inverts_and_plots(capsys, one_thread, tmp_path):
+    nll = load("normalizing_flow.py")["main"](["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "normalizing_flow.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     gaussian = float(re.search(r"the best Gaussian: ([\d.]+)", out)[1])
     assert nll < gaussian

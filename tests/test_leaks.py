@@ -144,11 +144,10 @@ def test_classes_of_dead_modules_are_freed():
     assert_no_growth(cycle, 300)
 
 
-def small_model(device: str) -> nn.Module:
-    """A chain on one layer, a second parametrized layer; just one layer on the meta device."""
-    first = nn.Linear(3, 3, bias=device != "meta", device=device)
-    tether.register_parametrization(first, "weight", Symmetric())
-    if device == "meta":
+def small_model(layers: int) -> nn.Module:
+    """A chain on one layer and, with ``layers=2``, a second parametrized layer."""
+    first = tether.register_parametrization(nn.Linear(3, 3), "weight", Symmetric())
+    if layers == 1:
         return nn.Sequential(first)
     tether.register_parametrization(first, "weight", Scale())
     second = tether.register_parametrization(nn.Linear(3, 3), "bias", Scale())
@@ -169,25 +168,25 @@ def saved(model: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("device", "copier", "count"),
+    ("layers", "copier", "count"),
     [
-        # On the meta device no tensor data is written: the loop exercises tether's part of
-        # pickling (the class is rebuilt by name) 10,000 times in little time.
-        ("meta", pickled, 10_000),
-        ("cpu", pickled, 200),
-        ("cpu", copy.deepcopy, 200),
-        ("cpu", saved, 200),
+        # The issue's 10,000 round trips on the smallest model (about 1 ms each), and fewer
+        # on a model with a chain and two parametrized layers.
+        (1, pickled, 10_000),
+        (2, pickled, 200),
+        (2, copy.deepcopy, 200),
+        (2, saved, 200),
     ],
-    ids=["pickle-meta", "pickle", "deepcopy", "torch.save"],
+    ids=["pickle-10000", "pickle", "deepcopy", "torch.save"],
 )
-def test_copy_round_trips_leak_nothing(device, copier, count):
-    model = small_model(device)
+def test_copy_round_trips_leak_nothing(layers, copier, count):
+    model = small_model(layers)
     x = torch.randn(2, 3)
 
     def cycle(i: int) -> None:
         clone = copier(model)
         assert type(clone[0]) is type(model[0])
-        if device == "cpu" and i % 100 == 0:
+        if i % 100 == 0:
             assert torch.equal(clone(x), model(x))
 
     assert_no_growth(cycle, count)

@@ -9,6 +9,7 @@ uniform across the package.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import operator
@@ -29,6 +30,7 @@ __all__ = [
     "choice",
     "describe",
     "dims",
+    "expect_arity",
     "expect_finite",
     "expect_same_dtype",
     "expect_same_shape",
@@ -91,6 +93,26 @@ def expect_tensors(value: object, what: str) -> Tensor | tuple[Tensor, ...]:
         f"{what} must return a Tensor or a Sequence of tensors (list, tuple...); "
         f"got {describe(value)}."
     )
+
+
+def expect_arity(parametrization: nn.Module, count: int, label: str) -> None:
+    """Raise ``TypeError`` unless ``parametrization.forward`` takes ``count`` tensors: the
+    number that the right inverses on ``label`` returned."""
+    try:
+        signature = inspect.signature(parametrization.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the call tell
+        return
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        returned = "one tensor" if count == 1 else f"{count} tensors"
+        forward = f"{type(parametrization).__name__}.forward({', '.join(signature.parameters)})"
+        raise TypeError(
+            f"Cannot parametrize {label}: the right_inverse of the parametrizations returned "
+            f"{returned}, but {forward} does not take "
+            f"{returned}. A right_inverse must return what the first parametrization's forward "
+            "takes: one tensor for forward(X), a tuple of k tensors for forward(X0, ..., Xk-1)."
+        ) from None
 
 
 def expect_same_dtype(expected: torch.dtype, got: torch.dtype, what: str, fix: str) -> None:

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tether import _cache, _distributed
 from tether._checks import (
     call_labelled,
+    expect_arity,
     expect_finite,
     expect_same_dtype,
     expect_same_shape,
@@ -124,6 +125,7 @@ class ParametrizationList(nn.ModuleList):
         self.is_tensor = isinstance(originals, Tensor)
         originals = (originals,) if isinstance(originals, Tensor) else originals
         self.ntensors = len(originals)
+        expect_arity(self[0], self.ntensors, self.label)
         if self.is_tensor:
             fix = "A right_inverse that returns one tensor must keep the original's dtype."
             expect_same_dtype(

@@ -307,17 +307,45 @@ def test_almost_orthogonal_rejects_a_lam_of_the_wrong_type(lam):
 # Hurwitz
 
 
-def test_hurwitz_rejects_a_non_member_with_the_distance_and_tolerance():
-    with pytest.raises(ValueError, match=r"hurwitz\(\).*not Hurwitz.*5\.00e-01.*tolerance"):
-        Hurwitz().right_inverse(torch.diag(torch.tensor([-1.0, 0.5])))
+def test_hurwitz_shifts_a_non_member_to_a_tenth_of_its_rms_singular_value():
+    A = torch.diag(torch.tensor([-1.0, 0.5], dtype=torch.float64))
+    margin = 0.1 * math.sqrt((1.0 + 0.25) / 2)
+    expected = A - (0.5 + margin) * torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(Hurwitz()(*Hurwitz().right_inverse(A)), expected)
 
 
-def test_hurwitz_registration_on_a_non_member_fails():
-    layer = nn.Linear(3, 3)
-    with torch.no_grad():
-        layer.weight.copy_(torch.eye(3))
-    with pytest.raises(ValueError, match="not Hurwitz"):
-        tether.hurwitz(layer)
+def test_hurwitz_shifts_zero_by_a_tenth():
+    Y = Hurwitz()(*Hurwitz().right_inverse(torch.zeros(3, 3, dtype=torch.float64)))
+    torch.testing.assert_close(Y, -0.1 * torch.eye(3, dtype=torch.float64))
+
+
+@given(
+    n=st.integers(1, 12),
+    batch=st.sampled_from([(), (2,)]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_hurwitz_registration_on_any_weight_shifts_only_non_members(n, batch, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn((*batch, n, n), dtype=dtype, generator=generator) / math.sqrt(n)
+    if batch:
+        A[0] = Hurwitz().sample((n, n), dtype=dtype, generator=generator)  # a member
+    W = tether.hurwitz(module_with(A)).weight.detach()
+    assert bool((torch.linalg.eigvals(W.double()).real.amax(-1) < 0).all())
+    shift = (A - W).diagonal(dim1=-2, dim2=-1)
+    atol = 100 * default_atol(dtype)
+    off_diagonal = (A - W) - torch.diag_embed(shift)
+    torch.testing.assert_close(off_diagonal, torch.zeros_like(A), atol=atol, rtol=0)
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), atol=atol, rtol=0)
+    if batch:
+        torch.testing.assert_close(W[0], A[0], atol=atol, rtol=atol)
+
+
+def test_hurwitz_registers_on_a_fresh_linear_layer():
+    for seed in range(10):
+        torch.manual_seed(seed)
+        layer = tether.hurwitz(nn.Linear(8, 8))
+        assert Hurwitz().in_manifold(layer.weight.detach())
 
 
 def test_hurwitz_rejects_a_member_too_close_to_the_axis():

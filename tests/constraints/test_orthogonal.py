@@ -15,6 +15,7 @@ from tether.constraints import Grassmannian, Orthogonal, SpecialOrthogonal
 from tether.testing import check_parametrization
 
 MAPS = ["matrix_exp", "cayley", "householder"]
+GROUP_MAPS = ["matrix_exp", "cayley"]  # the maps SpecialOrthogonal and Grassmannian accept
 SHAPES = [(4, 4), (6, 3), (3, 6), (2, 4, 4), (2, 5, 2), (1, 5), (5, 1)]
 
 
@@ -26,6 +27,14 @@ def orthonormality_error(W: torch.Tensor) -> float:
     tall = W.mT if W.shape[-2] < W.shape[-1] else W
     eye = torch.eye(tall.shape[-1], dtype=W.dtype)
     return (tall.mH @ tall - eye).abs().max().item()
+
+
+def scrambled(module: nn.Module) -> nn.Module:
+    """Overwrite the original with a Gaussian, so the weight is forward of an arbitrary tensor."""
+    original = module.parametrizations.weight.original
+    with torch.no_grad():
+        original.copy_(3 * torch.randn_like(original))
+    return module
 
 
 def module_with(weight: torch.Tensor) -> nn.Module:
@@ -204,6 +213,60 @@ def test_special_orthogonal_sample_is_a_rotation():
     torch.testing.assert_close(torch.linalg.det(Q), torch.ones(3, dtype=torch.float64))
 
 
+@given(X=matrices(square=True), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_special_orthogonal_forward_of_any_tensor_is_a_rotation(X, orthogonal_map):
+    module = scrambled(tether.special_orthogonal(module_with(X), orthogonal_map=orthogonal_map))
+    W = module.weight
+    assert W.shape == X.shape and W.dtype == X.dtype
+    assert SpecialOrthogonal().in_manifold(W, atol=tolerance(X.dtype, X.shape[-1]))
+
+
+@given(X=matrices(square=True), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_special_orthogonal_round_trip_of_a_rotation_is_exact(X, orthogonal_map):
+    constraint = SpecialOrthogonal(orthogonal_map)
+    Q = constraint.sample(X.shape, dtype=X.dtype)
+    torch.testing.assert_close(
+        constraint(constraint.right_inverse(Q)), Q, atol=tolerance(X.dtype, X.shape[-1]), rtol=0
+    )
+
+
+@given(X=matrices(square=True), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_special_orthogonal_assigning_a_rotation_sets_it_exactly(X, orthogonal_map):
+    Q = SpecialOrthogonal().sample(X.shape, dtype=X.dtype)
+    module = tether.special_orthogonal(module_with(X), orthogonal_map=orthogonal_map)
+    module.weight = Q
+    torch.testing.assert_close(module.weight, Q, atol=tolerance(X.dtype, X.shape[-1]), rtol=0)
+
+
+@given(X=matrices(square=True))
+def test_special_orthogonal_registration_keeps_a_rotation(X):
+    Q = SpecialOrthogonal().sample(X.shape, dtype=X.dtype)
+    module = tether.special_orthogonal(module_with(Q))
+    torch.testing.assert_close(module.weight, Q, atol=tolerance(X.dtype, X.shape[-1]), rtol=0)
+
+
+@given(X=matrices(square=True))
+def test_special_orthogonal_registration_makes_any_weight_a_rotation(X):
+    module = tether.special_orthogonal(module_with(X))
+    assert SpecialOrthogonal().in_manifold(module.weight, atol=tolerance(X.dtype, X.shape[-1]))
+
+
+@given(X=matrices(square=True))
+def test_special_orthogonal_sample_is_a_member(X):
+    Q = SpecialOrthogonal().sample(X.shape, dtype=X.dtype)
+    assert Q.shape == X.shape and Q.dtype == X.dtype
+    assert SpecialOrthogonal().in_manifold(Q, atol=tolerance(X.dtype, X.shape[-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (2, 4, 4), (2, 3, 5, 5)], ids=str)
+def test_special_orthogonal_rejects_a_reflected_rotation(shape, dtype):
+    reflected = SpecialOrthogonal().sample(shape, dtype=dtype)
+    reflected[..., -1] *= -1  # one reflected matrix in the batch is enough to leave SO(n)
+    assert Orthogonal().in_manifold(reflected)
+    assert not SpecialOrthogonal().in_manifold(reflected)
+
+
 def test_special_orthogonal_needs_a_square_matrix():
     with pytest.raises(ValueError, match=r"special_orthogonal\(\) on Linear.weight .*square"):
         tether.special_orthogonal(nn.Linear(3, 4))
@@ -215,6 +278,104 @@ def test_grassmannian_trains_only_the_subspace():
     grad = layer.parametrizations.weight.original.grad
     assert torch.count_nonzero(grad[..., :2, :]) == 0
     assert torch.count_nonzero(grad[..., 2:, :]) > 0
+
+
+def spans_the_same(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """How far the columns of a tall ``X`` (rows of a wide one) are from the span of ``W``'s."""
+    if W.shape[-2] < W.shape[-1]:
+        W, X = W.mT, X.mT
+    return (W @ (W.mT @ X) - X).abs().max()
+
+
+@given(X=matrices(), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_grassmannian_forward_of_any_tensor_is_orthonormal(X, orthogonal_map):
+    module = scrambled(tether.grassmannian(module_with(X), orthogonal_map=orthogonal_map))
+    W = module.weight
+    assert W.shape == X.shape and W.dtype == X.dtype
+    assert Grassmannian().in_manifold(W, atol=tolerance(X.dtype, max(X.shape[-2:])))
+
+
+@given(X=matrices(), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_grassmannian_round_trip_of_a_frame_is_exact(X, orthogonal_map):
+    # Not only the subspace: the base is completed from the frame itself, so the frame returns.
+    constraint = Grassmannian(orthogonal_map)
+    Q = constraint.sample(X.shape, dtype=X.dtype)
+    torch.testing.assert_close(
+        constraint(constraint.right_inverse(Q)),
+        Q,
+        atol=tolerance(X.dtype, max(X.shape[-2:])),
+        rtol=0,
+    )
+
+
+@given(X=matrices(), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_grassmannian_assigning_a_frame_sets_it_exactly(X, orthogonal_map):
+    Q = Grassmannian().sample(X.shape, dtype=X.dtype)
+    module = tether.grassmannian(module_with(X), orthogonal_map=orthogonal_map)
+    module.weight = Q
+    torch.testing.assert_close(module.weight, Q, atol=tolerance(X.dtype, max(X.shape[-2:])), rtol=0)
+
+
+@given(X=matrices())
+def test_grassmannian_registration_keeps_a_frame(X):
+    Q = Grassmannian().sample(X.shape, dtype=X.dtype)
+    module = tether.grassmannian(module_with(Q))
+    torch.testing.assert_close(module.weight, Q, atol=tolerance(X.dtype, max(X.shape[-2:])), rtol=0)
+
+
+@given(X=matrices())
+def test_grassmannian_registration_keeps_the_span_of_any_weight(X):
+    module = tether.grassmannian(module_with(X))
+    W = module.weight.detach()
+    assert Grassmannian().in_manifold(W, atol=tolerance(X.dtype, max(X.shape[-2:])))
+    # relative to |X|: QR is backward stable, so the span is kept up to rounding
+    scale = max(X.abs().max().item(), 1.0)
+    assert spans_the_same(W, X) <= scale * tolerance(X.dtype, max(X.shape[-2:]))
+
+
+@given(X=matrices())
+def test_grassmannian_sample_is_a_member(X):
+    Q = Grassmannian().sample(X.shape, dtype=X.dtype)
+    assert Q.shape == X.shape and Q.dtype == X.dtype
+    assert Grassmannian().in_manifold(Q, atol=tolerance(X.dtype, max(X.shape[-2:])))
+
+
+@given(X=matrices(), orthogonal_map=st.sampled_from(GROUP_MAPS))
+def test_grassmannian_ignores_the_block_that_rotates_within_the_subspace(X, orthogonal_map):
+    constraint = Grassmannian(orthogonal_map)
+    constraint.right_inverse(constraint.sample(X.shape, dtype=X.dtype))
+    k = min(X.shape[-2:])
+    moved = X.clone()
+    moved[..., :k, :k] = torch.randn_like(moved[..., :k, :k])
+    assert torch.equal(constraint(moved), constraint(X))
+
+
+GRASSMANNIAN_SHAPES = [(6, 2), (2, 6), (5, 1), (1, 5), (3, 5, 2), (3, 2, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("orthogonal_map", GROUP_MAPS)
+@pytest.mark.parametrize("shape", GRASSMANNIAN_SHAPES, ids=str)
+def test_grassmannian_check_parametrization_passes_on_non_square(shape, orthogonal_map, dtype):
+    constraint = Grassmannian(orthogonal_map)
+    check_parametrization(constraint, constraint.sample(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("orthogonal_map", GROUP_MAPS)
+@pytest.mark.parametrize("features", [(2, 6), (6, 2)], ids=["tall", "wide"])
+def test_grassmannian_stays_orthonormal_through_training(features, orthogonal_map):
+    layer = tether.grassmannian(nn.Linear(*features), orthogonal_map=orthogonal_map)
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    x, y = torch.randn(64, features[0]), torch.randn(64, features[1])
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(layer(x), y).backward()
+        optimizer.step()
+    W = layer.weight.detach()
+    assert spans_the_same(W, before) > 0.1  # the subspace moved
+    assert orthonormality_error(W) <= 1e-5
+    assert Grassmannian().in_manifold(W)
 
 
 def test_update_base_keeps_the_weight_and_resets_the_original():
@@ -242,3 +403,58 @@ def test_geotorch_agrees_on_membership(shape):
     ours = tether.orthogonal(module_with(torch.randn(shape)))
     assert Orthogonal().in_manifold(theirs.weight.detach())
     assert theirs.parametrizations.weight[0].in_manifold(ours.weight.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (4, 4), (2, 3, 3)], ids=str)
+def test_geotorch_agrees_on_special_orthogonal_membership(shape, dtype):
+    theirs = geotorch.SO(shape).to(dtype)
+    ours = SpecialOrthogonal()
+    assert ours.in_manifold(theirs.sample())
+    assert theirs.in_manifold(ours.sample(shape, dtype=dtype), in_so=True)
+    reflected = ours.sample(shape, dtype=dtype)
+    reflected[..., -1] *= -1
+    assert not ours.in_manifold(reflected)
+    assert not theirs.in_manifold(reflected, in_so=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(4, 4), *GRASSMANNIAN_SHAPES], ids=str)
+def test_geotorch_agrees_on_grassmannian_membership(shape, dtype):
+    theirs = geotorch.Grassmannian(shape).to(dtype)
+    ours = Grassmannian()
+    assert ours.in_manifold(theirs.sample())
+    assert theirs.in_manifold(ours.sample(shape, dtype=dtype))
+    stretched = 1.1 * ours.sample(shape, dtype=dtype)
+    assert not ours.in_manifold(stretched)
+    assert not theirs.in_manifold(stretched)
+
+
+@pytest.mark.parametrize("shape", [(6, 2), (2, 6)], ids=str)
+def test_geotorch_agrees_on_registered_grassmannian_weights(shape):
+    theirs = nn.Module()
+    theirs.weight = nn.Parameter(torch.randn(shape))
+    geotorch.grassmannian(theirs, "weight")
+    ours = tether.grassmannian(module_with(torch.randn(shape)))
+    assert Grassmannian().in_manifold(theirs.weight.detach())
+    assert theirs.parametrizations.weight[0].in_manifold(ours.weight.detach())
+
+
+@pytest.mark.parametrize(
+    ("constraint", "shape"),
+    [(Orthogonal(), (0, 5, 2)), (SpecialOrthogonal(), (0, 3, 3)), (Grassmannian(), (0, 5, 2))],
+    ids=["orthogonal", "special_orthogonal", "grassmannian"],
+)
+def test_an_empty_batch_is_a_member(constraint, shape):
+    empty = torch.zeros(shape)
+    assert constraint.distance(empty) == 0
+    assert constraint.in_manifold(empty)
+    assert constraint.in_manifold(constraint.sample(shape))
+
+
+def test_one_object_takes_weights_of_another_dtype():
+    constraint = Orthogonal()
+    Q = constraint.sample((4, 4), dtype=torch.float64)
+    constraint.right_inverse(Q.float())  # sets a float32 base
+    torch.testing.assert_close(constraint(constraint.right_inverse(Q)), Q)
+    assert constraint.base.dtype == torch.float64

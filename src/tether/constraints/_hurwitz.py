@@ -29,6 +29,9 @@ __all__ = ["Hurwitz", "hurwitz"]
 
 M = TypeVar("M", bound=nn.Module)
 
+# δ of Hurwitz._project, relative to the matrix's RMS singular value.
+_PROJECTION_MARGIN = 0.1
+
 
 class Hurwitz(Constraint):
     """Stable matrices: every eigenvalue has a negative real part, as ``(J - R) P``.
@@ -46,16 +49,18 @@ class Hurwitz(Constraint):
 
     ``right_inverse`` sets any member exactly, up to the accuracy of the Lyapunov solve
     (:func:`tether.functional.solve_lyapunov`, in float64), which degrades as eigenvalues
-    approach the imaginary axis. A non-member raises ``ValueError``: the nearest stable
-    matrix has no closed form (a hard, non-convex problem), so a fresh ``nn.Linear`` weight,
-    rarely stable, must first be replaced by a member, e.g. from :meth:`sample`.
+    approach the imaginary axis. A non-member is moved into the set by :meth:`_project`,
+    ``A - (a + δ) I`` with ``a`` its spectral abscissa and ``δ`` a tenth of its RMS singular
+    value: the nearest stable matrix has no closed form (a hard, non-convex problem), and a
+    shift keeps the eigenvectors and the gaps between eigenvalues, so that registering on a
+    fresh ``nn.Linear``, rarely stable, works.
     :meth:`distance` is the excess spectral abscissa ``max(0, max Re λ)`` (the spectral-norm
     distance to the closure for normal matrices, an upper bound otherwise). Samples are
     Ginibre matrices (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa ``-1``.
 
     Raises:
-        ValueError: at registration or assignment, the tensor is not square, a matrix is not
-            Hurwitz, or it is too close to the imaginary axis to be set accurately.
+        ValueError: at registration or assignment, the tensor is not square, or a member is
+            too close to the imaginary axis to be set accurately.
 
     References:
         Port-Hamiltonian systems: an introductory overview. Arjan van der Schaft, Dimitri
@@ -63,10 +68,7 @@ class Hurwitz(Constraint):
 
     Example:
         >>> import torch, tether
-        >>> layer = torch.nn.Linear(4, 4)
-        >>> with torch.no_grad():
-        ...     _ = layer.weight.copy_(tether.constraints.Hurwitz().sample((4, 4)))
-        >>> layer = tether.hurwitz(layer)
+        >>> layer = tether.hurwitz(torch.nn.Linear(4, 4))
         >>> bool(torch.linalg.eigvals(layer.weight).real.max() < 0)
         True
     """
@@ -79,15 +81,7 @@ class Hurwitz(Constraint):
     @torch.no_grad()
     def right_inverse(self, A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
         self.check_shape(A.shape, "the assigned value")
-        abscissa = float(self._abscissa(A).max()) if A.numel() else -1.0
-        if not abscissa < 0:
-            raise ValueError(
-                f"{self._owner}: the assigned value is not Hurwitz: an eigenvalue has real part "
-                f"{abscissa:.2e} (members need < 0; membership tolerance "
-                f"{default_atol(A.dtype):.2e}). No nearest stable matrix can be computed; assign "
-                "a member first, e.g. A - (a + 1) I with a the largest real part, or "
-                "tether.constraints.Hurwitz().sample(shape)."
-            )
+        A = self._project(A)
         A64 = A.to(torch.float64)
         n = A.shape[-1]
         eye = torch.eye(n, dtype=torch.float64, device=A.device)
@@ -108,6 +102,26 @@ class Hurwitz(Constraint):
         if not error <= default_atol(A.dtype) * scale:
             raise self._inaccurate(A, error / scale)
         return originals[0].to(A.dtype), originals[1].to(A.dtype)
+
+    def _project(self, A: Tensor) -> Tensor:
+        """``A`` where it is Hurwitz, else ``A - (a + δ) I``: each non-member moved along the
+        identity, which shifts its spectrum without changing its eigenvectors, to spectral
+        abscissa ``-δ``, with ``δ`` a tenth of its RMS singular value ``‖A‖_F / √n`` (a tenth
+        when ``A = 0``), far enough from the imaginary axis to be set accurately."""
+        if A.numel() == 0:
+            return A
+        abscissa = self._abscissa(A)
+        if bool(abscissa.isnan().any()):
+            raise ValueError(
+                f"{self._owner}: the assigned value has NaN eigenvalues; assign finite values."
+            )
+        outside = abscissa >= 0
+        if not bool(outside.any()):
+            return A
+        rms = torch.linalg.matrix_norm(A.to(abscissa.dtype)) / A.shape[-1] ** 0.5
+        margin = _PROJECTION_MARGIN * torch.where(rms > 0, rms, 1.0)
+        shift = torch.where(outside, abscissa + margin, 0.0).to(A.dtype)[..., None, None]
+        return A - shift * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
     def _inaccurate(self, A: Tensor, error: float) -> ValueError:
         return ValueError(
@@ -152,12 +166,13 @@ class Hurwitz(Constraint):
 def hurwitz(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to stable (Hurwitz) matrices (:class:`Hurwitz`).
 
-    The tensor must already be Hurwitz: there is no projection onto the set.
+    A tensor that is not Hurwitz is shifted into the set first (see :class:`Hurwitz`).
 
     Returns:
         ``module``.
 
     Raises:
-        ValueError: the tensor is not square (or a batch of square matrices), or not Hurwitz.
+        ValueError: the tensor is not square (or a batch of square matrices), or so close to
+            the imaginary axis that it cannot be set accurately.
     """
     return register_constraint(module, name, Hurwitz())

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from tether._checks import bad_shape, where
 from tether._parametrization_list import plists_of
-from tether.constraints._base import Constraint, register_constraint
+from tether.constraints._base import Constraint, register_constraint, worst
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
 
 __all__ = [
@@ -187,8 +187,13 @@ class Orthogonal(Constraint):
         return _complete(tall)
 
     def _set_base(self, base: Tensor) -> None:
-        if self.base is not None and self.base.shape == base.shape:
-            self.base.copy_(base)
+        current = self.base
+        if current is not None and (current.shape, current.dtype, current.device) == (
+            base.shape,
+            base.dtype,
+            base.device,
+        ):
+            current.copy_(base)  # in place: a compiled model does not recompile
         else:
             # QR returns column-major matrices; safetensors saves only contiguous tensors.
             self.base = base.contiguous()
@@ -214,7 +219,7 @@ class Orthogonal(Constraint):
         """``max |Qᴴ Q - I|`` over the entries (``Q Qᴴ`` for a wide ``X``)."""
         tall = X.mT if X.shape[-2] < X.shape[-1] else X
         eye = torch.eye(tall.shape[-1], dtype=tall.dtype, device=tall.device)
-        return (tall.mH @ tall - eye).abs().amax()
+        return worst((tall.mH @ tall - eye).abs())
 
     def check_shape(self, shape: torch.Size, label: str) -> None:
         if len(shape) < 2:
