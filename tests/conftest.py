@@ -23,3 +23,14 @@ def _seeded_rng():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for modules of small tensors (``pytestmark``) and the examples: for
+    them thread start-up costs more than it saves, and on a busy machine OpenMP threads that
+    wait for each other slow the tests tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,15 +32,6 @@ def load(name: str) -> dict:
     return runpy.run_path(str(EXAMPLES / name), run_name=f"example_{Path(name).stem}")
 
 
-@pytest.fixture
-def one_thread():
-    """The examples' models are tiny: one thread is fastest and spares a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_copy_task_quick_prints_the_table_and_saves_the_figure(tmp_path, capsys, one_thread):
     results = load("copy_task.py")["main"](["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out

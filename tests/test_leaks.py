@@ -108,13 +108,7 @@ def assert_no_growth(cycle: Callable[[int], object], count: int) -> None:
     raise AssertionError(f"grew in two windows of {count} cycles: {'; '.join(problems)}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny ops on a busy machine are otherwise slowed by thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_register_remove_cycles_leak_nothing():

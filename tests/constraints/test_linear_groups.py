@@ -26,14 +26,7 @@ REGISTER = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one thread: for matrices this small, thread start-up costs more than it saves,
-    and on a busy machine OpenMP threads that wait for each other slow the tests tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tolerance(X: torch.Tensor) -> float:

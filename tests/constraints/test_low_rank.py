@@ -18,14 +18,7 @@ SHAPES = [(5, 3), (3, 5), (4, 4), (2, 4, 3), (1, 4), (4, 1)]
 CONSTRAINTS = [LowRank, FixedRank]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one thread: for matrices this small, thread start-up costs more than it saves,
-    and on a busy machine OpenMP threads that wait for each other slow the tests tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tolerance(X: torch.Tensor) -> float:

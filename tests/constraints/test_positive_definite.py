@@ -55,13 +55,7 @@ def atol(X: torch.Tensor) -> float:
     return 3 * default_atol(X.dtype) * math.sqrt(X.shape[-1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: on matrices this small, more threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def constraint_of(module: nn.Module) -> nn.Module:

@@ -25,13 +25,7 @@ def module_with(weight: torch.Tensor) -> nn.Module:
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: on matrices this small, more threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def is_member(X: torch.Tensor, sign: int) -> bool:

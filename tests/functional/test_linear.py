@@ -24,14 +24,7 @@ DTYPES = [torch.float32, torch.float64]
 BATCHES = [(), (2,), (2, 1)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run on one thread: for matrices this small, thread start-up costs more than it saves,
-    and on a busy machine OpenMP threads that wait for each other slow the tests tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tolerance(dtype: torch.dtype, n: int) -> float:

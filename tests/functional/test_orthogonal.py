@@ -17,13 +17,7 @@ REAL = [torch.float32, torch.float64]
 FORWARD_AD = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a busy machine OpenMP threads that wait for each other slow tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tolerance(dtype: torch.dtype, n: int) -> float:
