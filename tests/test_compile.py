@@ -163,3 +163,64 @@ def test_a_compiled_submodule_of_an_autocached_model_matches_eager():
     torch.testing.assert_close(model(xs), eager(xs))
     model(xs)
     assert backend.compilations == 1
+
+
+# Every constraint compiles whole: maps whose autograd.Function has a forward-mode rule (which
+# Dynamo cannot trace) apply a twin without it under the compiler. Dynamo itself instantiates
+# the autograd.Function base class while tracing any Function, which warns (torch 2.13).
+TRACES_A_FUNCTION = pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+)
+CONSTRAINTS = {
+    "orthogonal": tether.orthogonal,
+    "cayley": lambda m: tether.orthogonal(m, orthogonal_map="cayley"),
+    "householder": lambda m: tether.orthogonal(m, orthogonal_map="householder"),
+    "special_orthogonal": tether.special_orthogonal,
+    "grassmannian": tether.grassmannian,
+    "symmetric": tether.symmetric,
+    "skew": tether.skew,
+    "positive_definite": tether.positive_definite,
+    "positive_definite_softplus": lambda m: tether.positive_definite(m, map="softplus"),
+    "positive_semidefinite": tether.positive_semidefinite,
+    "psd_low_rank": lambda m: tether.psd_low_rank(m, rank=3),
+    "psd_fixed_rank": lambda m: tether.psd_fixed_rank(m, rank=3),
+    "low_rank": lambda m: tether.low_rank(m, rank=3),
+    "fixed_rank": lambda m: tether.fixed_rank(m, rank=3),
+    "invertible": tether.invertible,
+    "special_linear": tether.special_linear,
+    "almost_orthogonal": tether.almost_orthogonal,
+    "hurwitz": tether.hurwitz,
+    "sphere": tether.sphere,
+    "poincare_ball": tether.poincare_ball,
+    "positive": tether.positive,
+    "bounded": lambda m: tether.bounded(m, low=-1.0, high=1.0),
+    "simplex": tether.simplex,
+    "weight_norm": tether.weight_norm,
+    "spectral_norm": tether.spectral_norm,
+}
+
+
+@TRACES_A_FUNCTION
+@pytest.mark.parametrize("constraint", list(CONSTRAINTS))
+def test_every_constraint_compiles_without_graph_breaks(constraint):
+    layer = CONSTRAINTS[constraint](nn.Linear(WIDE, WIDE))
+    explanation = torch._dynamo.explain(layer)(torch.randn(3, WIDE))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@TRACES_A_FUNCTION
+@pytest.mark.parametrize(
+    "constraint", ["householder", "positive_definite", "positive_definite_softplus"]
+)
+def test_maps_traced_without_forward_mode_match_eager(constraint):
+    layer = CONSTRAINTS[constraint](nn.Linear(WIDE, WIDE).double())
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, WIDE, dtype=torch.float64)
+    for call in (compiled, eager):
+        call(x).square().sum().backward()
+    tol = tolerance(torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=tol, atol=tol)
+    for p, q in zip(layer.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol)

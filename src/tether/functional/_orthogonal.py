@@ -7,6 +7,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from tether.functional._traceable import traceable
+
 __all__ = ["cayley", "householder", "matrix_exp", "orthonormalize", "polar"]
 
 HouseholderAlgorithm = Literal["auto", "wy", "torch"]
@@ -230,6 +232,9 @@ class _Householder(torch.autograd.Function):
         return _add_product_(Y_bar, grad, packed.tril()).tril_(-1)
 
 
+_HouseholderTraceable = traceable(_Householder)
+
+
 def _add_product_(out: Tensor, A: Tensor, B: Tensor) -> Tensor:
     """``out += A @ B`` without a temporary for the product (same batch shapes)."""
     # In place: this backward never runs under torch.func.vmap (there gradients are
@@ -306,7 +311,8 @@ def householder(X: Tensor, *, algorithm: HouseholderAlgorithm = "auto") -> Tenso
         )
     if algorithm == "torch" or (algorithm == "auto" and X.shape[-1] < _WY_MIN_COLUMNS):
         return _householder_torch(X)
-    Q, *_ = _Householder.apply(X)  # type: ignore[no-untyped-call]  # untyped in torch
+    function = _HouseholderTraceable if torch.compiler.is_compiling() else _Householder
+    Q, *_ = function.apply(X)  # type: ignore[no-untyped-call]  # untyped in torch
     return Q
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from tether.functional._first_order import first_order
+from tether.functional._traceable import traceable
 
 __all__ = ["Spectral", "rebuild", "spectral"]
 
@@ -111,6 +112,9 @@ class _SpectralMap(torch.autograd.Function):
         return outputs, (0, 0, 0)
 
 
+_SpectralMapTraceable = traceable(_SpectralMap)
+
+
 def spectral(
     A: Tensor, f: Spectral, df: Spectral, *, reference: Spectral | None = None, name: str
 ) -> Tensor:
@@ -125,5 +129,6 @@ def spectral(
         "(exact second derivatives exist for spd_exp under plain autograd with "
         "create_graph=True)."
     )
-    Y, _, _ = _SpectralMap.apply(A, f, df, reference, message)  # type: ignore[no-untyped-call]  # untyped in torch
+    function = _SpectralMapTraceable if torch.compiler.is_compiling() else _SpectralMap
+    Y, _, _ = function.apply(A, f, df, reference, message)  # type: ignore[no-untyped-call]  # untyped in torch
     return Y
