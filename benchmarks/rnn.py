@@ -59,6 +59,14 @@ def run(quick: bool = False) -> str:
         with tether.cached():
             step(model["tether"])
 
+    # Compiled as in benchmarks/compile.py: inductor, or aot_eager for a quick run.
+    backend = "aot_eager" if quick else "inductor"
+    compiled = {
+        name: torch.compile(model[name], backend=backend) for name in ("torch", "tether autocache")
+    }
+    for module in compiled.values():
+        step(module)  # compiles
+
     candidates = {
         "plain RNNCell (no constraint)": lambda: step(model["plain"]),
         "torch orthogonal": lambda: step(model["torch"]),
@@ -66,6 +74,10 @@ def run(quick: bool = False) -> str:
         "tether orthogonal": lambda: step(model["tether"]),
         "tether orthogonal + `tether.cached()`": tether_cached,
         "tether orthogonal + `tether.autocache`": lambda: step(model["tether autocache"]),
+        "torch orthogonal, compiled": lambda: step(compiled["torch"]),
+        "tether orthogonal + `tether.autocache`, compiled": lambda: step(
+            compiled["tether autocache"]
+        ),
     }
     times = measure(candidates, min_run_time, rounds=1 if quick else 10)
     ours = times["tether orthogonal + `tether.autocache`"]

@@ -5,6 +5,7 @@ without ``tether.autocache``."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -117,33 +118,94 @@ class Recurrent(nn.Module):
         return h
 
 
-def matrix_exps(gm: torch.fx.GraphModule) -> int:
-    """Evaluations of the orthogonal map: torch's ``matrix_exp`` or tether's operator."""
+def map_calls(gm: torch.fx.GraphModule) -> int:
+    """Calls of the orthogonal map (forward graph) or of its backward (backward graph): torch's
+    ``matrix_exp`` (whose backward exponentiates a block matrix) or tether's operators."""
     return sum(
-        "matrix_exp" in str(node.target) or str(node.target) == "tether.skew_exp.default"
+        "matrix_exp" in str(node.target) or str(node.target).startswith("tether.skew_exp")
         for node in gm.graph.nodes
     )
 
 
-@pytest.mark.parametrize("width", [N, WIDE])
-def test_compiled_recurrent_model_computes_the_kernel_once_per_graph(width):
-    # autocache does nothing under compile (Note [autocache hooks]): the graph holds one
-    # evaluation per read, which AOTAutograd's common subexpression elimination merges.
-    forward_graphs: list[torch.fx.GraphModule] = []
+def recording_backend() -> tuple[Any, dict[str, list[torch.fx.GraphModule]]]:
+    """An AOTAutograd backend that keeps the forward and backward graphs it compiles."""
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"forward": [], "backward": []}
 
-    def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
-        forward_graphs.append(gm)
-        return make_boxed_func(gm.forward)
+    def recorder(kind: str):
+        def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return record
 
     backend = aot_autograd(
-        fw_compiler=record,
-        bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+        fw_compiler=recorder("forward"),
+        bw_compiler=recorder("backward"),
         partition_fn=min_cut_rematerialization_partition,
     )
-    model = tether.autocache(Recurrent(width))
+    return backend, graphs
+
+
+@pytest.mark.parametrize("width", [N, WIDE])
+def test_compiled_autocached_recurrent_model_runs_the_map_once_forward_and_backward(width):
+    # The traced cache (Note [The cache under torch.compile]): one evaluation in the graph,
+    # whose gradient sums over the reads, so the map's backward runs once too.
+    backend, graphs = recording_backend()
+    model = tether.autocache(Recurrent(width)).double()
+    eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    compiled(torch.randn(TIME_STEPS, 2, width)).sum().backward()
-    assert matrix_exps(forward_graphs[0]) == 1
+    for _ in range(3):
+        xs = torch.randn(TIME_STEPS, 2, width, dtype=torch.float64)
+        compiled(xs).sum().backward()
+        eager(xs).sum().backward()
+    assert len(graphs["forward"]) == 1  # no recompilation
+    assert map_calls(graphs["forward"][0]) == 1
+    assert map_calls(graphs["backward"][0]) == 1
+    for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
+    assert tether._cache.tracing is None
+
+
+def test_without_autocache_a_compiled_model_runs_the_map_backward_once_per_read():
+    # What autocache saves under the compiler: the forwards merge, the backwards do not.
+    backend, graphs = recording_backend()
+    compiled = torch.compile(Recurrent(WIDE), backend=backend, fullgraph=True)
+    compiled(torch.randn(TIME_STEPS, 2, WIDE)).sum().backward()
+    assert map_calls(graphs["forward"][0]) == 1
+    assert map_calls(graphs["backward"][0]) == TIME_STEPS
+
+
+class Nested(nn.Module):
+    """An autocached recurrent model inside another, with a graph break between two uses."""
+
+    def __init__(self, graph_break: bool) -> None:
+        super().__init__()
+        self.inner = tether.autocache(Recurrent(WIDE))
+        self.graph_break = graph_break
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h = self.inner(xs)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return h + self.inner(xs) + xs[0] @ self.inner.cell.weight_hh
+
+
+# Across a graph break the traced cache hands the weight computed by the first graph to the
+# second as an input, a non-leaf tensor whose .grad Dynamo inspects, which warns (torch 2.13).
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.parametrize("graph_break", [False, True], ids=["one graph", "graph break"])
+def test_nested_autocache_and_graph_breaks_under_compile_match_eager(graph_break):
+    model = tether.autocache(Nested(graph_break)).double()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        xs = torch.randn(TIME_STEPS, 2, WIDE, dtype=torch.float64)
+        torch.testing.assert_close(compiled(xs), eager(xs), rtol=1e-12, atol=1e-12)
+        compiled(xs).sum().backward()
+        eager(xs).sum().backward()
+        assert tether._cache.tracing is None  # nothing of the traced cache is left
+    for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_a_model_compiled_inside_cached_has_no_graph_breaks():

@@ -35,12 +35,10 @@ M = TypeVar("M", bound=nn.Module)
 #     interrupt and that next call, reads in the thread are still cached.) The check walks
 #     the stack only when an entry is open, i.e. for nested autocached modules.
 #
-#     Under ``torch.compile`` both hooks do nothing: Dynamo inlines them into the graph, where
-#     touching thread-local state would break it (``_cache.lookup`` steps aside too, for a
-#     model compiled inside a cache). Each read then puts the weight's computation in the
-#     graph, a pure function of the originals, and AOTAutograd's common subexpression
-#     elimination merges the copies into one (backends "inductor", the default, and
-#     "aot_eager"; the debugging backend "eager" skips AOTAutograd and keeps every copy).
+#     Under ``torch.compile`` Dynamo inlines both hooks into the graph, where touching
+#     thread-local state would break it: they open and close a plain dictionary that Dynamo
+#     can follow instead (Note [The cache under torch.compile] in _cache.py), so the graph
+#     computes each weight once and runs its backward once, whatever the backend.
 
 
 class _Calls(threading.local):
@@ -62,6 +60,7 @@ def _on_stack(frame: FrameType, start: FrameType | None) -> bool:
 def _enter(module: nn.Module, args: Any) -> None:
     """Forward pre-hook: enter the cache for this call (Note [autocache hooks])."""
     if torch.compiler.is_compiling():
+        _cache.enter_tracing(module)
         return
     caller = sys._getframe(1)
     calls = _calls.open
@@ -75,6 +74,7 @@ def _enter(module: nn.Module, args: Any) -> None:
 def _leave(module: nn.Module, args: Any, output: Any) -> None:
     """Forward hook, also run when ``forward`` raises: leave the cache this call entered."""
     if torch.compiler.is_compiling():
+        _cache.leave_tracing(module)
         return
     calls = _calls.open
     if calls and calls[-1][0] is module:
@@ -100,9 +100,9 @@ def autocache(model: M, enabled: bool = True) -> M:
     It works by registering a forward pre-hook and a forward hook on ``model`` (the cache is
     left even when ``forward`` raises). It is idempotent, it nests (an autocached submodule
     inside an autocached model shares the outer call's cache), each thread caches on its
-    own, the model still pickles and deep-copies, and under ``torch.compile`` the hooks do
-    nothing, so they add no graph breaks (the compiler merges the repeated computations of a
-    weight by itself). ``autocache(model, enabled=False)`` removes the hooks.
+    own, the model still pickles and deep-copies, and under ``torch.compile`` it adds no
+    graph break: the compiled graph computes each weight once and runs its backward once.
+    ``autocache(model, enabled=False)`` removes the hooks.
 
     Prefer ``autocache`` when a whole model should cache on every call; use
     ``with tether.cached():`` to cache a block of code that calls several models, or a

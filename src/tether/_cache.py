@@ -15,7 +15,17 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["active_threads", "cached", "enter", "invalidate", "leave", "lookup"]
+__all__ = [
+    "active_threads",
+    "cached",
+    "enter",
+    "enter_tracing",
+    "invalidate",
+    "leave",
+    "leave_tracing",
+    "lookup",
+    "tracing",
+]
 
 #: Number of threads currently inside ``cached()``; the property getter reads only this
 #: module-level integer when no thread caches, so the uncached path stays cheap.
@@ -26,6 +36,47 @@ _live: dict[int, dict[nn.Module, Tensor]] = {}
 # Bumped by every invalidation: a value computed while a write happened is not stored, so a
 # reader never keeps a value computed from half-old data.
 _writes = 0
+
+
+# Note [The cache under torch.compile]
+#     Dynamo cannot trace the thread-local dictionaries and the lock above, so while it traces
+#     a model that autocache wraps, the hooks enter a plain module-level dictionary instead,
+#     from id(parametrization list) to the tensor its first read put in the graph. Dynamo
+#     follows the reads and writes of that dictionary: every later read returns the same node,
+#     the gradients of all the reads add up in the backward graph, and the map's backward runs
+#     once per call (AOTAutograd's common subexpression elimination would merge the repeated
+#     forwards, but not their backwards: one per read). The hooks leave the dictionary at the
+#     end of the traced forward, so nothing of it reaches the compiled code: the graph holds
+#     one evaluation, and only the final None is written back. Compilation runs one frame at
+#     a time, so no other thread traces into the dictionary meanwhile. Across a graph break
+#     the dictionary is real between the two graphs: the second takes the weight the first
+#     computed as an input (Dynamo warns, once when it compiles, that it read the .grad of a
+#     non-leaf tensor), and an eager thread that sees it meanwhile only takes the path of
+#     lookup below that ignores it. A model compiled without autocache, or inside cached(),
+#     puts one evaluation in the graph per read.
+
+#: While Dynamo traces an autocached model: the parametrized tensors computed so far.
+tracing: dict[int, Tensor] | None = None
+# The autocached module whose call opened ``tracing``: nested ones share it.
+_tracing_owner: nn.Module | None = None
+
+
+def enter_tracing(module: nn.Module) -> None:
+    """Open the traced cache for a call of ``module`` unless an outer call has (Note [The
+    cache under torch.compile]); pair with :func:`leave_tracing`. Only while compiling."""
+    global tracing, _tracing_owner
+    # Left open by a trace that failed (an export that raised): start afresh.
+    if tracing is None or _tracing_owner is module:
+        tracing = {}
+        _tracing_owner = module
+
+
+def leave_tracing(module: nn.Module) -> None:
+    """Close the traced cache if the call of ``module`` opened it."""
+    global tracing, _tracing_owner
+    if _tracing_owner is module:
+        tracing = None
+        _tracing_owner = None
 
 
 class _ThreadState(threading.local):
@@ -102,10 +153,16 @@ def leave() -> None:
 def lookup(plist: nn.Module) -> Tensor:
     """Return the cached value of ``plist`` for this thread, computing it on a miss."""
     if torch.compiler.is_compiling():
-        # A model compiled inside cached() (or called by an autocached model): the thread's
-        # dictionary and lock would break the graph. Each read goes into the graph, where the
-        # compiler merges the repeated evaluations (Note [autocache hooks]).
-        return plist.forward()
+        # The thread's dictionary and lock would break the graph: the traced cache of an
+        # autocached model instead, or (a model compiled inside cached()) one evaluation per
+        # read (Note [The cache under torch.compile]).
+        traced = tracing
+        if traced is None:
+            return plist.forward()
+        key = id(plist)
+        if key not in traced:
+            traced[key] = plist.forward()
+        return traced[key]
     values = _state.values
     tensor: Tensor | None = None if values is None else values.get(plist)
     if tensor is None:

@@ -106,7 +106,7 @@ def _tensor_property(name: str) -> property:
             plist = self.__dict__["_modules"]["parametrizations"]._modules[name]
         except KeyError:
             return _plain_get(self, name)
-        if _cache.active_threads:
+        if _cache.active_threads or _cache.tracing is not None:
             return _cache.lookup(plist)
         return plist.forward()
 
