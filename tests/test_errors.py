@@ -252,7 +252,7 @@ REGISTRATION_MISUSES = {
         InverseReturnsTwo,
         TypeError,
         "Linear.weight",
-        r"returned 2 tensors.*forward\(X\) does not take.*a tuple of k tensors",
+        r"forward\(X\) does not take 2 tensors.*a tuple of k tensors",
     ),
     "forward_takes_more_than_right_inverse_returns": Misuse(
         plain_linear,
@@ -260,7 +260,7 @@ REGISTRATION_MISUSES = {
         TakesTwo,
         TypeError,
         "Linear.weight",
-        r"returned one tensor.*forward\(X, Y\) does not take.*one tensor for forward\(X\)",
+        r"forward\(X, Y\) does not take one tensor.*one tensor for forward\(X\)",
     ),
     "forward_changes_shape": Misuse(
         plain_linear, "weight", ChangesShape, ValueError, "Linear.weight", r"unsafe=True"

@@ -108,10 +108,10 @@ def expect_arity(parametrization: nn.Module, count: int, label: str) -> None:
         returned = "one tensor" if count == 1 else f"{count} tensors"
         forward = f"{type(parametrization).__name__}.forward({', '.join(signature.parameters)})"
         raise TypeError(
-            f"Cannot parametrize {label}: the right_inverse of the parametrizations returned "
-            f"{returned}, but {forward} does not take "
-            f"{returned}. A right_inverse must return what the first parametrization's forward "
-            "takes: one tensor for forward(X), a tuple of k tensors for forward(X0, ..., Xk-1)."
+            f"Cannot parametrize {label}: {forward} does not take {returned}, which is what it "
+            "gets (the tensor itself, or what the right_inverse methods return). A "
+            "right_inverse must return what the first parametrization's forward takes: one "
+            "tensor for forward(X), a tuple of k tensors for forward(X0, ..., Xk-1)."
         ) from None
 
 
