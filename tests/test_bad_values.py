@@ -17,33 +17,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tether
+from tests.parametrizations import Double, Symmetric, UpperPlusLower
 
 N = 3
 NAN, INF = math.nan, math.inf
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, A: torch.Tensor) -> torch.Tensor:
-        return A.triu()
-
-
-class Scale(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, Y: torch.Tensor) -> torch.Tensor:
-        return Y / 2
-
-
-class UpperPlusLower(nn.Module):
-    def forward(self, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-        return upper.triu() + lower.tril(-1)
-
-    def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return X.triu(), X.tril(-1)
 
 
 class Tril(nn.Module):
@@ -120,7 +97,7 @@ def bad(value: float, shape: tuple[int, ...] = (N, N), at: int = 4) -> torch.Ten
 
 PARAMETRIZATIONS: dict[str, Callable[[], list[nn.Module]]] = {
     "symmetric": lambda: [Symmetric()],
-    "chain": lambda: [Symmetric(), Scale()],
+    "chain": lambda: [Symmetric(), Double()],
     "many_to_one": lambda: [UpperPlusLower()],
     "stateful": lambda: [Normalized()],
 }
@@ -339,7 +316,7 @@ def test_loading_a_non_member_raises_and_changes_nothing():
 def test_a_module_loads_all_or_nothing_across_its_tensors():
     # weight and bias both load through right_inverse; the bias is bad, so neither loads.
     layer = parametrized("chain")
-    tether.register_parametrization(layer, "bias", Scale())
+    tether.register_parametrization(layer, "bias", Double())
     model = nn.Sequential(layer)
     checkpoint = plain_checkpoint(model)
     checkpoint["0.bias"][0] = NAN
@@ -390,7 +367,7 @@ def test_a_failed_load_leaves_the_cache_serving_the_old_value():
 
 
 def test_appending_names_the_tensor_when_forward_fails():
-    layer = tether.register_parametrization(nn.Linear(N, N), "bias", Scale())
+    layer = tether.register_parametrization(nn.Linear(N, N), "bias", Double())
     before = snapshot(layer)
     with pytest.raises(RuntimeError) as info:
         tether.register_parametrization(layer, "bias", Symmetric())  # triu of a vector
@@ -427,7 +404,7 @@ class InverseReturnsNone(nn.Module):
 
 PARAMETRIZATION_KINDS: dict[str, Callable[[], Any]] = {
     "symmetric": Symmetric,
-    "scale": Scale,
+    "scale": Double,
     "many_to_one": UpperPlusLower,
     "stateful": Normalized,
     "function": lambda: torch.tanh,

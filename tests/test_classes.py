@@ -18,25 +18,10 @@ from torch import nn
 from torch.nn.utils import parametrizations as torch_parametrizations
 
 import tether
+from tests.parametrizations import Double, Symmetric
 
 N = 4
 LOOPS = 10_000
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu()
-
-
-class Double(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
 
 
 class Identity(nn.Module):

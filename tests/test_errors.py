@@ -13,24 +13,9 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import Double, Symmetric, UpperPlusLower
 
 N = 3
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu()
-
-
-class Double(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
 
 
 class NoInverse(nn.Module):
@@ -110,14 +95,6 @@ class HalvesThenChangesShape(nn.Module):
 class ChangesDtype(nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return X.double()
-
-
-class UpperPlusLower(nn.Module):
-    def forward(self, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-        return upper.triu() + lower.tril(-1)
-
-    def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return X.triu(), X.tril(-1)
 
 
 class HasParametrizationsAttribute(nn.Linear):

@@ -23,25 +23,10 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import Double, Symmetric
 from tether import _classes
 
 WARM_UP = 100
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, A: torch.Tensor) -> torch.Tensor:
-        return A.triu()
-
-
-class Scale(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, Y: torch.Tensor) -> torch.Tensor:
-        return Y / 2
 
 
 @dataclass(frozen=True)
@@ -118,7 +103,7 @@ def test_register_remove_cycles_leak_nothing():
     def cycle(i: int) -> None:
         tether.register_parametrization(layer, "weight", Symmetric())
         if i % 3 == 0:  # a second tensor: another shared class, then back to the first
-            tether.register_parametrization(layer, "bias", Scale())
+            tether.register_parametrization(layer, "bias", Double())
             tether.remove_parametrizations(layer, "bias")
         tether.remove_parametrizations(layer, "weight", leave_parametrized=i % 2 == 0)
 
@@ -143,8 +128,8 @@ def small_model(layers: int) -> nn.Module:
     first = tether.register_parametrization(nn.Linear(3, 3), "weight", Symmetric())
     if layers == 1:
         return nn.Sequential(first)
-    tether.register_parametrization(first, "weight", Scale())
-    second = tether.register_parametrization(nn.Linear(3, 3), "bias", Scale())
+    tether.register_parametrization(first, "weight", Double())
+    second = tether.register_parametrization(nn.Linear(3, 3), "bias", Double())
     return nn.Sequential(first, second)
 
 

@@ -12,34 +12,9 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import Double, Symmetric, UpperPlusLower
 
 N = 4
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu()
-
-
-class Double(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
-
-
-class UpperPlusLower(nn.Module):
-    """Many-to-one: the weight is the sum of an upper and a strictly lower triangle."""
-
-    def forward(self, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-        return upper.triu() + lower.tril(-1)
-
-    def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return X.triu(), X.tril(-1)
 
 
 class Normalized(nn.Module):

@@ -16,25 +16,10 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 import tether
+from tests.parametrizations import Double, Symmetric
 
 N = 3
 TOL = 1e-12  # float64; every map here is exact up to a few roundings
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, A: torch.Tensor) -> torch.Tensor:
-        return A.triu()
-
-
-class Scale(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, Y: torch.Tensor) -> torch.Tensor:
-        return Y / 2
 
 
 class Transpose(nn.Module):
@@ -55,7 +40,7 @@ class Shift(nn.Module):
         return Y - 1
 
 
-KINDS = {"symmetric": Symmetric, "scale": Scale, "transpose": Transpose, "shift": Shift}
+KINDS = {"symmetric": Symmetric, "scale": Double, "transpose": Transpose, "shift": Shift}
 MATRIX_ONLY = {"symmetric", "transpose"}
 NAMES = ("weight", "bias")
 

@@ -24,27 +24,12 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import Double, Symmetric
 
 N = 4
 READERS = 8
 MIN_ASSIGNMENTS = 300
 MAX_SECONDS = 1.5  # a bound on the test's length, not an assertion
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, A: torch.Tensor) -> torch.Tensor:
-        return A.triu()
-
-
-class Scale(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, Y: torch.Tensor) -> torch.Tensor:
-        return Y / 2
 
 
 @dataclass
@@ -142,7 +127,7 @@ def write_loop(layer: nn.Module, clock: Clock, readers: list[Reader]) -> None:
 def test_no_read_sees_a_value_older_than_the_last_finished_assignment(fine_switching):
     layer = nn.Linear(N, N, bias=False, dtype=torch.float64)
     tether.register_parametrization(layer, "weight", Symmetric())
-    tether.register_parametrization(layer, "weight", Scale())
+    tether.register_parametrization(layer, "weight", Double())
     layer.weight = torch.zeros(N, N, dtype=torch.float64)
     x = torch.zeros(N, dtype=torch.float64)
     x[0] = 1.0
