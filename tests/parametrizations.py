@@ -1,5 +1,6 @@
-"""Small parametrizations that several test modules register: a one-to-one map with a right
-inverse, a scaling to chain after it, and a many-to-one map."""
+"""Small parametrizations that several test modules register: one-to-one maps with a right
+inverse (one with a buffer, one that counts its calls), a scaling to chain after them, and a
+many-to-one map."""
 
 from __future__ import annotations
 
@@ -35,3 +36,34 @@ class UpperPlusLower(nn.Module):
 
     def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return X.triu(), X.tril(-1)
+
+
+class Normalized(nn.Module):
+    """``X * norm``, with the norm a buffer of the parametrization that ``right_inverse`` sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("norm", torch.ones(()))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X * self.norm
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        norm = X.norm()
+        self.norm.copy_(norm)
+        return X / norm
+
+
+class CountingSymmetric(nn.Module):
+    """Symmetric matrices from their upper triangle; counts how often it is evaluated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return X.triu() + X.triu(1).mT
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return X.triu()

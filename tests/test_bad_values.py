@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tether
-from tests.parametrizations import Double, Symmetric, UpperPlusLower
+from tests.parametrizations import Double, Normalized, Symmetric, UpperPlusLower
 
 N = 3
 NAN, INF = math.nan, math.inf
@@ -26,22 +26,6 @@ NAN, INF = math.nan, math.inf
 class Tril(nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return X.tril()
-
-
-class Normalized(nn.Module):
-    """``X * norm``, with the norm a buffer that ``right_inverse`` writes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("norm", torch.ones(()))
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X * self.norm
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        norm = X.norm()
-        self.norm.copy_(norm)
-        return X / norm
 
 
 class NonNegativeCorner(nn.Module):

@@ -10,24 +10,10 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import CountingSymmetric
 
 N = 4
 TIMEOUT = 30.0  # seconds a thread waits for the other side before the test gives up
-
-
-class CountingSymmetric(nn.Module):
-    """Symmetric matrices from their upper triangle; counts how often it is evaluated."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu()
 
 
 class CountingScaled(nn.Module):

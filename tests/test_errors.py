@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import tether
-from tests.parametrizations import Double, Symmetric, UpperPlusLower
+from tests.parametrizations import Double, Normalized, Symmetric, UpperPlusLower
 
 N = 3
 
@@ -64,22 +64,6 @@ class ChangesShape(nn.Module):
 class ReturnsTuple(nn.Module):
     def forward(self, X: torch.Tensor) -> Any:
         return (X,)
-
-
-class Normalized(nn.Module):
-    """``X * norm`` with the norm a buffer that ``right_inverse`` sets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("norm", torch.ones(()))
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X * self.norm
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        norm = X.norm()
-        self.norm.copy_(norm)
-        return X / norm
 
 
 class HalvesThenChangesShape(nn.Module):

@@ -12,25 +12,9 @@ import torch
 from torch import nn
 
 import tether
-from tests.parametrizations import Double, Symmetric, UpperPlusLower
+from tests.parametrizations import Double, Normalized, Symmetric, UpperPlusLower
 
 N = 4
-
-
-class Normalized(nn.Module):
-    """``X * norm``: the norm is a buffer of the parametrization, set by ``right_inverse``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("norm", torch.ones(()))
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X * self.norm
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        norm = X.norm()
-        self.norm.copy_(norm)
-        return X / norm
 
 
 class Block(nn.Module):
