@@ -379,22 +379,17 @@ def test_tether_appending_to_a_torch_chain_makes_it_picklable():
 # --- assignment and deletion ----------------------------------------------------------------
 
 
-def test_assigning_a_parameter_sets_the_value_through_right_inverse():
-    layer = parametrized(("weight",))
-    A = torch.randn(N, N)
-    W = A + A.mT
-    layer.weight = nn.Parameter(W)
-    assert torch.equal(layer.weight, W)
-    assert torch.equal(layer.parametrizations.weight.original, W.triu())
-
-
-def test_assigning_a_parameter_keeps_the_original_parameter_object():
+def test_assigning_a_parameter_raises_and_changes_nothing():
+    # Note [Assigning a Parameter to a parametrized name]: a copy through right_inverse
+    # would silently untie what the caller meant to tie.
     layer = parametrized(("weight",))
     original = layer.parametrizations.weight.original
+    before = layer.weight.detach().clone()
     names = [name for name, _ in layer.named_parameters()]
-    A = torch.randn(N, N)
-    layer.weight = nn.Parameter(A + A.mT)
+    with pytest.raises(KeyError, match="remove_parametrizations"):
+        layer.weight = nn.Parameter(torch.eye(N))
     assert layer.parametrizations.weight.original is original
+    assert torch.equal(layer.weight, before)
     assert [name for name, _ in layer.named_parameters()] == names
 
 

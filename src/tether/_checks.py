@@ -37,6 +37,7 @@ __all__ = [
     "expect_tensor",
     "expect_tensors",
     "int_dim",
+    "parameter_assigned",
     "positive_number",
     "real_number",
     "where",
@@ -52,6 +53,23 @@ def where(module: nn.Module, tensor_name: str) -> str:
     elif _is_torch_parametrized(module):
         cls = cls.__bases__[0]
     return f"{cls.__name__}.{tensor_name}"
+
+
+def parameter_assigned(module: nn.Module, tensor_name: str) -> KeyError:
+    """The error for ``module.<tensor_name> = nn.Parameter(...)`` on a parametrized name.
+
+    ``KeyError``, the type PyTorch raises there (Note [Assigning a Parameter to a
+    parametrized name]).
+    """
+    label = where(module, tensor_name)
+    return KeyError(
+        f"Cannot assign an nn.Parameter to {label}: it is parametrized, so it is computed from "
+        f"module.parametrizations.{tensor_name} and cannot be replaced by another Parameter "
+        f"(that Parameter would not be trained through the parametrization). To set its value, "
+        f"assign a plain tensor (module.{tensor_name} = W.detach()), which goes "
+        f"through right_inverse; to share or replace the Parameter (weight tying, fusing), do it before "
+        f"registering, or call tether.remove_parametrizations(module, {tensor_name!r}) first."
+    )
 
 
 def _is_torch_parametrized(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from tether import _cache, _loading, _reset, _serving
-from tether._checks import where
+from tether._checks import parameter_assigned, where
 from tether._parametrization_list import plists_of
 
 __all__ = ["is_shared_class", "parametrized_class"]
@@ -150,10 +150,13 @@ def _plain_get(module: nn.Module, name: str) -> Any:
 
 
 def _setattr(self: nn.Module, name: str, value: Any) -> None:
-    # nn.Module.__setattr__ would try to register a Parameter as a new parameter and fail
-    # with "attribute already exists"; set the parametrized value instead, as for any tensor.
+    # Note [Assigning a Parameter to a parametrized name]
+    #     ``layer.weight = nn.Parameter(W)`` asks for ``W`` itself to become the trained tensor
+    #     (weight tying, ``fuse_linear_bn_eval``), which a parametrized name cannot be: going
+    #     through ``right_inverse`` would copy ``W`` once and then train apart from it. PyTorch
+    #     raises ``KeyError`` ("attribute already exists"); so does tether, saying what to do.
     if isinstance(value, nn.Parameter) and name in plists_of(self):
-        value = value.detach()
+        raise parameter_assigned(self, name)
     base = _base(self)
     base.__setattr__(self, name, value)
 

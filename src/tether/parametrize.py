@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -244,20 +245,34 @@ def _tensor_of(module: nn.Module, tensor_name: str, label: str) -> Tensor:
 def _check_appended(
     module: nn.Module, tensor_name: str, parametrization: nn.Module, label: str
 ) -> None:
-    """Check that a parametrization appended to a chain maps the tensor's space to itself."""
+    """Prepare a parametrization appended to a chain, and check it maps the tensor's space to
+    itself.
+
+    Its ``right_inverse`` runs first, on the chain's current value, so that a parametrization
+    with state of its own (an orthogonal base point, power-iteration vectors) starts from that
+    value, exactly as it would when registered on a plain tensor holding it; only then does
+    ``forward`` run. PyTorch calls ``forward`` first, which fails for such parametrizations.
+    The originals are not changed: the tensor becomes ``parametrization(current)``.
+    """
     fix = "Keep shape and dtype in forward and right_inverse, or register with unsafe=True."
     with torch.no_grad():
         current = getattr(module, tensor_name)
         context = f"Cannot parametrize {label}"
-        value = call_labelled(parametrization, current, context, label)
-        _check_like(current, value, f"parametrization({label})", fix)
         inverse = getattr(parametrization, "right_inverse", None)
         if inverse is not None:
-            try:
-                restored = call_labelled(inverse, value, context, label)
-            except NotImplementedError:
-                return
-            _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
+            with contextlib.suppress(NotImplementedError):
+                restored = call_labelled(inverse, current, context, label)
+                if isinstance(restored, (tuple, list)):
+                    raise ValueError(
+                        f"{context} with {type(parametrization).__name__}: its right_inverse "
+                        f"returns {len(restored)} tensors (original0, original1, ...), and a "
+                        "parametrization with several originals must be the first on a tensor. "
+                        f"Register it first: tether.remove_parametrizations(module, "
+                        f"{tensor_name!r}), register it, then register the others after it."
+                    )
+                _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
+        value = call_labelled(parametrization, current, context, label)
+        _check_like(current, value, f"parametrization({label})", fix)
 
 
 def _check_like(reference: Tensor, value: object, what: str, fix: str) -> None:

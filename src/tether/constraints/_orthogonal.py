@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
@@ -56,15 +57,17 @@ def _horizontal_generator(X: Tensor) -> Tensor:
     return L - L.mH
 
 
-def _square_map(
-    group_map: Callable[[Tensor], Tensor], generator: Callable[[Tensor], Tensor]
-) -> Callable[[Tensor], Tensor]:
-    def tall_map(X: Tensor) -> Tensor:
-        Q = group_map(generator(X))
-        # (no slice for a square X: one autograd node fewer, which small matrices notice)
-        return Q if X.shape[-1] == X.shape[-2] else Q[..., : X.shape[-1]]
+def _tall_map(
+    group_map: Callable[[Tensor], Tensor], generator: Callable[[Tensor], Tensor], X: Tensor
+) -> Tensor:
+    """``group_map(generator(X))``, cut to the columns of a tall ``X``.
 
-    return tall_map
+    Bound to its two maps with ``functools.partial`` rather than a closure, so that the
+    constraint holding it pickles (a closure cannot be pickled by reference).
+    """
+    Q = group_map(generator(X))
+    # (no slice for a square X: one autograd node fewer, which small matrices notice)
+    return Q if X.shape[-1] == X.shape[-2] else Q[..., : X.shape[-1]]
 
 
 def _neutral(like: Tensor) -> Tensor:
@@ -146,7 +149,7 @@ class Orthogonal(Constraint):
         if orthogonal_map == "householder":
             return householder
         group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley
-        return _square_map(group_map, _tall_generator)
+        return functools.partial(_tall_map, group_map, _tall_generator)
 
     def forward(self, X: Tensor) -> Tensor:
         transposed = X.shape[-2] < X.shape[-1]
@@ -329,7 +332,7 @@ class Grassmannian(Orthogonal):
 
     def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
         group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley
-        return _square_map(group_map, _horizontal_generator)
+        return functools.partial(_tall_map, group_map, _horizontal_generator)
 
     def check_shape(self, shape: torch.Size, label: str) -> None:
         if len(shape) < 2:
