@@ -1,6 +1,6 @@
 """Small parametrizations that several test modules register: one-to-one maps with a right
-inverse (one with a buffer, one that counts its calls), a scaling to chain after them, and a
-many-to-one map."""
+inverse (one with a buffer, one that counts its calls), a scaling to chain after them, a
+many-to-one map, and a negation and a counting identity to chain with constraints."""
 
 from __future__ import annotations
 
@@ -67,3 +67,30 @@ class CountingSymmetric(nn.Module):
 
     def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
         return X.triu()
+
+
+class Negated(nn.Module):
+    """``-X``: exactly invertible, and it keeps every set symmetric under negation (orthogonal
+    matrices among them), so that it can stand before or after a constraint in a chain."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return -X
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return -X
+
+
+class Counting(nn.Module):
+    """The identity, counting how often it is evaluated: chained after another
+    parametrization, it counts the evaluations of the chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return X
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return X

@@ -1,6 +1,7 @@
 """Tests for ``tether.autocache``: one evaluation per call, the uncached outputs and gradients,
-a fresh value on every call, no cache left behind (exceptions, interrupts), nesting, threads,
-undo, and copies."""
+a fresh value on every call, one value per context of a read (no_grad, inference mode,
+autocast, activation checkpointing; also compiled), no cache left behind (exceptions,
+interrupts), nesting, threads, undo, and copies."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import tether
 from tests.parametrizations import CountingSymmetric
@@ -175,6 +177,133 @@ def test_a_call_after_an_optimizer_step_uses_the_new_weights():
         for source, target in zip(twin.parameters(), model.parameters(), strict=True):
             target.copy_(source)
     torch.testing.assert_close(twin(xs), model(xs), rtol=0.0, atol=0.0)
+
+
+# --- one value per context of a read (Note [The cache key]) ----------------------------------
+
+
+def squared(X: torch.Tensor) -> torch.Tensor:
+    """``X @ X``: under autocast a matmul, so the value's dtype follows autocast."""
+    return X @ X
+
+
+# Maps that save tensors for their backward: a second backward through one raises.
+LAYERS: dict[str, Callable[[], nn.Linear]] = {
+    "orthogonal": lambda: tether.orthogonal(nn.Linear(N, N)),
+    "squared": lambda: tether.register_parametrization(nn.Linear(N, N), "weight", squared),
+}
+
+SCENARIOS = [
+    "no_grad_read_then_grad_read",
+    "inference_mode_read_then_normal_read",
+    "autocast_bf16_then_autocast_disabled",
+    "reentrant_checkpoint_and_outside",
+    "non_reentrant_checkpoint_and_outside",
+]
+
+
+class Reads(nn.Module):
+    """Reads ``layer.weight`` in several contexts within one forward, as ``scenario`` says."""
+
+    def __init__(self, layer: nn.Linear, scenario: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.scenario = scenario
+
+    def twice(self, y: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(y)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if self.scenario == "no_grad_read_then_grad_read":
+            with torch.no_grad():
+                layer.weight.norm()  # e.g. logged
+            return layer(x)
+        if self.scenario == "inference_mode_read_then_normal_read":
+            with torch.inference_mode():
+                layer.weight.norm()
+            return layer(x)
+        if self.scenario == "autocast_bf16_then_autocast_disabled":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)  # a bfloat16 weight
+                with torch.autocast("cpu", enabled=False):
+                    return layer(y.float())  # a float32 weight
+        # Two checkpointed segments that each read the weight twice, and one read outside.
+        reentrant = self.scenario == "reentrant_checkpoint_and_outside"
+        y = checkpoint(self.twice, x, use_reentrant=reentrant)
+        y = checkpoint(self.twice, torch.tanh(y), use_reentrant=reentrant)
+        return layer(torch.tanh(y))
+
+
+def output_and_gradients(model: Reads, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of ``model`` and the gradients of its parameters and of ``x``."""
+    x.grad = None
+    out = model(x)
+    out.square().sum().backward()
+    grads = [p.grad for p in model.parameters()] + [x.grad]
+    assert all(g is not None for g in grads), "a gradient is missing"
+    return [out.detach(), *(g for g in grads if g is not None)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_reads_in_other_contexts_give_the_uncached_outputs_and_gradients(kind, scenario):
+    # Issue 12, case 7: the gradient was None, off by 1.5, or the forward raised.
+    model = Reads(LAYERS[kind](), scenario)
+    twin = tether.autocache(copy.deepcopy(model))
+    x = torch.randn(3, N, requires_grad=True)
+    expected = output_and_gradients(model, x)
+    got = output_and_gradients(twin, x)
+    eps = torch.finfo(torch.float32).eps
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=16 * eps, atol=16 * eps * scale, msg=f"tensor {i}")
+
+
+class LogsItsKernel(Recurrent):
+    """A recurrent model that also reads its kernel under ``no_grad`` at every step."""
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h = xs.new_zeros(xs.shape[1], N)
+        for x in xs:
+            with torch.no_grad():
+                self.cell.weight_hh.norm()
+            h = self.cell(x, h)
+        return h
+
+
+def test_the_kernel_is_evaluated_once_per_call_and_context():
+    model = LogsItsKernel()
+    counter = counted(model, model.cell, "weight_hh")
+    tether.autocache(model)
+    model(inputs())
+    model(inputs())
+    assert counter.calls == 4  # a no-grad value and a grad-mode value per call
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "scenario", ["no_grad_read_then_grad_read", "autocast_bf16_then_autocast_disabled"]
+)
+def test_compiled_the_traced_cache_keeps_grad_mode_and_autocast_apart(fresh_dynamo, scenario):
+    # Note [The cache under torch.compile]: the traced cache is keyed on the context too.
+    model = Reads(LAYERS["squared"](), scenario)
+    twin = tether.autocache(copy.deepcopy(model))
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, N, requires_grad=True)
+    expected = output_and_gradients(model, x)
+    got = output_and_gradients(compiled, x)
+    # Compiled and eager bfloat16 code round differently, with or without a cache.
+    eps = torch.finfo(torch.bfloat16 if "autocast" in scenario else torch.float32).eps
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=16 * eps, atol=16 * eps * scale, msg=f"tensor {i}")
 
 
 # --- no cache left behind ---------------------------------------------------------------------

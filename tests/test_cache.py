@@ -1,16 +1,24 @@
 """Tests for ``tether.cached()``: one evaluation per block, reentrant, thread-local, and
-invalidated by writes (assignment, ``load_state_dict``, appending to a chain)."""
+invalidated by writes (assignment, ``load_state_dict``, appending to a chain); one value per
+context (grad mode, inference mode, autocast, checkpointing), with the uncached values and
+gradients; and torch's ``parametrize.cached()`` honoured with the same semantics."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.utils.parametrize as torch_parametrize
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import tether
 from tests.parametrizations import CountingSymmetric
+from tether import _cache
 
 N = 4
 TIMEOUT = 30.0  # seconds a thread waits for the other side before the test gives up
@@ -355,3 +363,336 @@ def test_backward_through_cached_reads_gives_the_uncached_gradients(dtype):
     eps = torch.finfo(dtype).eps
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=16 * eps, atol=16 * eps * e.abs().max().item())
+
+
+# --- one value per context (Note [The cache key]) ---------------------------------------------
+
+CACHES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "tether": tether.cached,
+    "torch": torch_parametrize.cached,
+}
+
+CONTEXTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "grad": torch.enable_grad,
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("context", list(CONTEXTS))
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_reads_in_one_context_evaluate_once(cache, context):
+    layer, counter = make_layer()
+    with CACHES[cache](), CONTEXTS[context]():
+        first = layer.weight
+        second = layer.weight
+    assert first is second
+    assert counter.calls == 1
+
+
+@pytest.mark.parametrize("context", [c for c in CONTEXTS if c != "grad"])
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_another_context_gets_a_value_of_its_own_computed_once(cache, context):
+    layer, counter = make_layer()
+    with CACHES[cache]():
+        in_grad = layer.weight
+        with CONTEXTS[context]():
+            in_context = layer.weight
+            again = layer.weight
+        back = layer.weight
+    assert in_context is again
+    assert back is in_grad
+    assert in_context is not in_grad
+    assert counter.calls == 2
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_each_weight_is_evaluated_once_per_distinct_context(cache):
+    layer, counter = make_layer()
+    with CACHES[cache]():
+        for _ in range(2):
+            for context in CONTEXTS.values():
+                with context():
+                    _ = layer.weight
+    assert counter.calls == len(CONTEXTS)
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_a_value_read_under_no_grad_first_is_not_served_to_grad_mode(cache):
+    layer, _ = make_layer()
+    with CACHES[cache]():
+        with torch.no_grad():
+            logged = layer.weight
+        used = layer.weight
+    assert not logged.requires_grad
+    assert used.requires_grad
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_reads_under_saved_tensor_hooks_are_not_cached(cache):
+    # A non-reentrant checkpoint must recompute what its forward saved, cache or not.
+    layer, counter = make_layer()
+    with CACHES[cache](), torch.autograd.graph.save_on_cpu():
+        first = layer.weight
+        second = layer.weight
+    assert first is not second
+    assert counter.calls == 2
+
+
+def squared(X: torch.Tensor) -> torch.Tensor:
+    """``X @ X``: under autocast a matmul, so the value's dtype follows autocast."""
+    return X @ X
+
+
+# Maps that save tensors for their backward: a second backward through one raises.
+LAYERS: dict[str, Callable[[], nn.Linear]] = {
+    "orthogonal": lambda: tether.orthogonal(nn.Linear(N, N)),
+    "squared": lambda: tether.register_parametrization(nn.Linear(N, N), "weight", squared),
+}
+
+
+def read_under_no_grad_first(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        layer.weight.norm()  # e.g. logged
+    return layer(x).square().sum()
+
+
+def read_in_inference_mode_first(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        layer.weight.norm()
+    return layer(x).square().sum()
+
+
+def autocast_then_autocast_disabled(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)  # a bfloat16 weight
+        with torch.autocast("cpu", enabled=False):
+            return layer(y.float()).square().sum()  # a float32 weight
+
+
+def checkpointed(reentrant: bool) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """Two checkpointed segments that each read ``layer.weight`` twice, and ``layer`` once more
+    outside them."""
+
+    def run(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def twice(y: torch.Tensor) -> torch.Tensor:
+            return layer(torch.tanh(layer(y)))
+
+        y = checkpoint(twice, x, use_reentrant=reentrant)
+        y = checkpoint(twice, torch.tanh(y), use_reentrant=reentrant)
+        return layer(torch.tanh(y)).square().sum()
+
+    return run
+
+
+SCENARIOS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "no_grad_read_then_grad_read": read_under_no_grad_first,
+    "inference_mode_read_then_normal_read": read_in_inference_mode_first,
+    "autocast_bf16_then_autocast_disabled": autocast_then_autocast_disabled,
+    "reentrant_checkpoint_and_outside": checkpointed(reentrant=True),
+    "non_reentrant_checkpoint_and_outside": checkpointed(reentrant=False),
+}
+
+
+def loss_and_gradients(
+    layer: nn.Linear,
+    x: torch.Tensor,
+    scenario: str,
+    cache: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    backward_inside: bool = True,
+) -> list[torch.Tensor]:
+    """The loss of ``scenario`` and the gradients of the original, the bias and the input."""
+    layer.zero_grad()
+    x.grad = None
+    with cache():
+        loss = SCENARIOS[scenario](layer, x)
+        if backward_inside:
+            loss.backward()
+    if not backward_inside:
+        loss.backward()
+    original = layer.parametrizations.weight.original
+    grads = [original.grad, layer.bias.grad, x.grad]
+    assert all(g is not None for g in grads), "a gradient is missing"
+    return [loss.detach(), *(g.clone() for g in grads if g is not None)]
+
+
+@pytest.mark.parametrize("backward", ["inside", "after"])
+@pytest.mark.parametrize("cache", list(CACHES))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_values_and_gradients_equal_the_uncached_ones(kind, scenario, cache, backward):
+    layer = LAYERS[kind]()
+    x = torch.randn(3, N, requires_grad=True)
+    expected = loss_and_gradients(layer, x, scenario)
+    got = loss_and_gradients(layer, x, scenario, CACHES[cache], backward == "inside")
+    eps = torch.finfo(torch.float32).eps
+    for name, g, e in zip(["loss", "original", "bias", "input"], got, expected, strict=True):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g, e, rtol=16 * eps, atol=16 * eps * scale, msg=name)
+
+
+def test_a_reentrant_recomputation_evaluates_once_per_segment():
+    # The cache is open during backward: each segment's recomputation (its own graph, which
+    # it backpropagates through at once) computes the weight once, however often it reads it.
+    layer, counter = make_layer()
+    x = torch.randn(3, N, requires_grad=True)
+
+    def twice(y: torch.Tensor) -> torch.Tensor:
+        return layer(torch.tanh(layer(y)))
+
+    with tether.cached():
+        y = checkpoint(twice, x, use_reentrant=True)
+        y = checkpoint(twice, y, use_reentrant=True)
+        forward_calls = counter.calls
+        y.sum().backward()
+    assert forward_calls == 1  # both segments' forwards run under no_grad: one value
+    assert counter.calls == 3  # and one per segment in the backward pass
+
+
+# --- torch.nn.utils.parametrize.cached() (Note [torch's cached()]) ----------------------------
+
+
+def test_torch_cached_caches_tether_parametrizations():
+    layer, counter = make_layer()
+    with torch_parametrize.cached():
+        first = layer.weight
+        second = layer.weight
+    assert first is second
+    assert counter.calls == 1
+
+
+def test_torch_cached_values_are_dropped_when_its_block_exits():
+    layer, counter = make_layer()
+    with torch_parametrize.cached():
+        inside = layer.weight
+    outside = layer.weight
+    assert outside is not inside
+    assert counter.calls == 2
+
+
+def test_a_torch_cached_block_never_serves_the_previous_blocks_value():
+    layer, _ = make_layer()
+    with torch_parametrize.cached():
+        before = layer.weight
+    with torch.no_grad():  # an optimizer step: in place, unseen by the cache
+        layer.parametrizations.weight.original.add_(1.0)
+    with torch_parametrize.cached():
+        after = layer.weight
+    expected = layer.weight
+    assert not torch.equal(after, before)
+    assert torch.equal(after, expected)
+
+
+@pytest.mark.parametrize("outer", ["tether", "torch"])
+def test_torch_cached_nested_with_tether_cached_evaluates_once(outer):
+    layer, counter = make_layer()
+    inner = "torch" if outer == "tether" else "tether"
+    with CACHES[outer]():
+        with CACHES[inner]():
+            in_inner = layer.weight
+        after_inner = layer.weight
+    assert after_inner is in_inner
+    assert counter.calls == 1
+    assert layer.weight is not in_inner
+
+
+def test_assignment_inside_torch_cached_drops_the_stale_entry():
+    layer, _ = make_layer()
+    value = symmetric()
+    with torch_parametrize.cached():
+        _ = layer.weight
+        layer.weight = value.clone()
+        after = layer.weight
+    assert torch.equal(after, value)
+
+
+def test_inside_torch_cached_each_thread_caches_its_own_value():
+    # torch's flag is global: every thread caches while one is inside its block.
+    layer, _ = make_layer()
+    main_has_read = threading.Event()
+    seen: list[torch.Tensor] = []
+
+    def other() -> None:
+        if main_has_read.wait(TIMEOUT):
+            seen.extend([layer.weight, layer.weight])
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with torch_parametrize.cached():
+        mine = layer.weight
+        main_has_read.set()
+        thread.join(TIMEOUT)
+        again = layer.weight
+    assert not thread.is_alive()
+    assert seen[0] is seen[1]
+    assert seen[0] is not mine
+    assert again is mine
+
+
+def test_a_thread_that_read_inside_torch_cached_takes_its_values_when_it_ends():
+    layer, _ = make_layer()
+    thread = threading.Thread(target=lambda: layer.weight)
+    with torch_parametrize.cached():
+        thread.start()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+        assert thread.ident not in _cache._live
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("torch.nn.utils.parametrize", "_cache_enabled"),
+        ("torch.nn.utils.parametrize", "_cache"),
+        ("torch._C", "_current_graph_task_id"),
+        ("torch._C", "_current_autograd_node"),
+        ("torch._C", "_is_any_autocast_enabled"),
+        ("torch._C._autograd", "_top_saved_tensors_default_hooks"),
+    ],
+)
+def test_torch_still_has_the_private_names_the_cache_reads(module, name):
+    # If this fails, torch renamed a name tether._cache reads: tether still works, but ignores
+    # torch's cached() (the first two) or caches nothing (the others). Follow the rename.
+    assert hasattr(importlib.import_module(module), name), f"{module}.{name} is gone"
+    assert _cache.keyable
+
+
+def test_a_missing_private_function_is_found_absent():
+    assert _cache._private("torch._C._no_such_function") is _cache._absent
+    assert _cache._private("torch._C._no_such_module._function") is _cache._absent
+
+
+def test_torch_session_names_each_block_of_torch_cached():
+    assert _cache.torch_session() is None
+    with torch_parametrize.cached():
+        first = _cache.torch_session()
+        with torch_parametrize.cached():
+            assert _cache.torch_session() is first
+    with torch_parametrize.cached():
+        second = _cache.torch_session()
+    assert first is not None
+    assert second is not None
+    assert second is not first
+
+
+def test_without_torchs_flag_tether_reads_uncached(monkeypatch):
+    layer, counter = make_layer()
+    monkeypatch.delattr(torch_parametrize, "_cache_enabled")
+    assert _cache.torch_session() is None
+    first = layer.weight
+    assert layer.weight is not first
+    assert counter.calls == 2
+
+
+def test_without_torchs_autograd_state_nothing_is_cached(monkeypatch):
+    layer, counter = make_layer()
+    expected = layer.weight
+    counter.calls = 0
+    monkeypatch.setattr(_cache, "keyable", False)  # as on a torch without one of the names
+    with tether.cached():
+        first = layer.weight
+        second = layer.weight
+    assert first is not second
+    assert counter.calls == 2
+    assert torch.equal(first, expected)

@@ -282,3 +282,55 @@ def test_plain_weight_without_right_inverse_raises_naming_the_key(parametrizatio
     layer = tether.register_parametrization(nn.Linear(N, N), "weight", parametrization)
     with pytest.raises(RuntimeError, match=r"'weight'.*right_inverse"):
         layer.load_state_dict({"weight": torch.randn(N, N).triu(), "bias": torch.zeros(N)})
+
+
+# --- spectral norm: vectors that fit what was loaded (issue 12, case 2) ---------------------
+
+SPECTRAL = (0, 2, 5)  # the normalized layers of spectral_net
+
+
+def spectral_net(seed: int) -> nn.Module:
+    """Two Conv2d and a Linear with spectral norm, for inputs of shape (B, 3, 8, 8)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+    for i in SPECTRAL:
+        tether.spectral_norm(model[i])
+    return model
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_regression_2_plain_checkpoint_into_a_fresh_spectral_norm_model(mode, one_thread):
+    x = torch.randn(2, 3, 8, 8)
+    source = spectral_net(seed=0)
+    with torch.no_grad():  # training-mode reads: the power method converges
+        for i in SPECTRAL:
+            for _ in range(300):
+                _ = source[i].weight
+    source.train(mode == "train")
+    plain = tether.plain_state_dict(source)
+    expected = source(x)  # in training mode too: plain_state_dict saved what this computes
+    target = spectral_net(seed=1).train(mode == "train")  # other weights, other vectors
+    result = target.load_state_dict(plain, strict=True)
+    assert result.missing_keys == result.unexpected_keys == []
+    eps = torch.finfo(torch.float32).eps
+    for i in SPECTRAL:
+        sigma = torch.linalg.matrix_norm(target[i].weight.detach().flatten(1), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=16 * eps)
+    got = target(x)
+    torch.testing.assert_close(got, expected, rtol=64 * eps, atol=64 * eps)
+
+
+def test_plain_state_dict_leaves_a_training_spectral_norm_model_unchanged():
+    model = spectral_net(seed=0)  # training mode: each read of a weight is a power step
+    before = snapshot(model)
+    plain = tether.plain_state_dict(model)
+    assert_same_state(snapshot(model)["state"], before["state"])
+    for i in SPECTRAL:  # the value saved is what the next read computes
+        assert torch.equal(plain[f"{i}.weight"], model[i].weight.detach())

@@ -35,6 +35,13 @@ M = TypeVar("M", bound=nn.Module)
 #     interrupt and that next call, reads in the thread are still cached.) The check walks
 #     the stack only when an entry is open, i.e. for nested autocached modules.
 #
+#     The hooks decide when the cache is open; what it stores, and per which context of a
+#     read (grad mode, autocast, a checkpoint's recomputation...), is the cache's business
+#     (Note [The cache key] in _cache.py): a weight read under ``torch.no_grad()`` inside the
+#     forward is computed once more for the grad-mode reads. A reentrant checkpoint inside
+#     the model recomputes its segment during the backward pass, after the call returned:
+#     then nothing is cached, unless the segment is itself an autocached module.
+#
 #     Under ``torch.compile`` Dynamo inlines both hooks into the graph, where touching
 #     thread-local state would break it: they open and close a plain dictionary that Dynamo
 #     can follow instead (Note [The cache under torch.compile] in _cache.py), so the graph
@@ -96,6 +103,13 @@ def autocache(model: M, enabled: bool = True) -> M:
     give the same results as without caching; what changes is the work: a recurrent cell
     that reads its orthogonal kernel at each of ``T`` steps computes it once instead of
     ``T`` times, in the forward and in the backward pass.
+
+    As in :func:`tether.cached`, the cache is keyed on the context of each read: grad mode,
+    inference mode, autocast (enabled and dtype) and the backward pass (a reentrant
+    checkpoint's recomputation). A weight read under ``torch.no_grad()`` to log its norm, or
+    under bfloat16 autocast, is computed once for that context and once for the others;
+    reads inside a non-reentrant checkpoint (under saved-tensor hooks) are not cached, so
+    that the checkpoint recomputes exactly what it saved. No cached value changes a result.
 
     It works by registering a forward pre-hook and a forward hook on ``model`` (the cache is
     left even when ``forward`` raises). It is idempotent, it nests (an autocached submodule

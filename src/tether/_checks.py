@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "bad_dtype",
     "bad_shape",
     "bad_type",
     "bad_value",
@@ -65,9 +66,9 @@ def parameter_assigned(module: nn.Module, tensor_name: str) -> KeyError:
     return KeyError(
         f"Cannot assign an nn.Parameter to {label}: it is parametrized, so it is computed from "
         f"module.parametrizations.{tensor_name} and cannot be replaced by another Parameter "
-        f"(that Parameter would not be trained through the parametrization). To set its value, "
-        f"assign a plain tensor (module.{tensor_name} = W.detach()), which goes "
-        f"through right_inverse; to share or replace the Parameter (weight tying, fusing), do it before "
+        "(that Parameter would not be trained through the parametrization). To set its value, "
+        f"assign a plain tensor (module.{tensor_name} = W.detach()), which goes through "
+        "right_inverse; to share or replace the Parameter (weight tying, fusing), do it before "
         f"registering, or call tether.remove_parametrizations(module, {tensor_name!r}) first."
     )
 
@@ -173,6 +174,35 @@ def _readable(value: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(value)
+
+
+def bad_dtype(
+    constraint: str, dtype: torch.dtype, label: str | None = None
+) -> TypeError | ValueError:
+    """The error for a tensor whose dtype a constraint cannot take.
+
+    A ``TypeError`` for integer and boolean tensors, which no constraint takes; a
+    ``ValueError`` for complex ones on a constraint defined on real tensors only (the type
+    ``orthogonal()`` raises for a complex Householder map). ``label`` names the tensor
+    (``"Linear.idx"``); without it the caller adds it, as the mechanism does for errors
+    raised inside a parametrization.
+
+    Example: ``Cannot parametrize Linear.idx: Orthogonal needs a floating-point or complex
+    tensor; got dtype torch.int64. ...``
+    """
+    if dtype.is_complex:
+        needs = "a real (floating-point) tensor"
+        fix = f"{constraint} is defined for real tensors only: use a real dtype (float32...)."
+    else:
+        needs = "a floating-point or complex tensor"
+        fix = (
+            "Integer and boolean tensors cannot be constrained (no values lie between theirs, "
+            "and they get no gradients): convert the tensor to a floating-point dtype first, "
+            "e.g. with .float(), or leave it unconstrained."
+        )
+    message = f"{constraint} needs {needs}; got dtype {dtype}. {fix}"
+    message = f"Cannot parametrize {label}: {message}" if label else message
+    return ValueError(message) if dtype.is_complex else TypeError(message)
 
 
 def bad_shape(

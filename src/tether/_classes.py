@@ -106,7 +106,13 @@ def _tensor_property(name: str) -> property:
             plist = self.__dict__["_modules"]["parametrizations"]._modules[name]
         except KeyError:
             return _plain_get(self, name)
-        if _cache.active_threads or _cache.tracing is not None:
+        # Some thread in tether's cached(), a traced autocached call, or torch's cached()
+        # (Note [torch's cached()] in _cache.py): three cheap reads on the uncached path.
+        if (
+            _cache.active_threads
+            or _cache.tracing is not None
+            or _cache.torch_session() is not None
+        ):
             return _cache.lookup(plist)
         return plist.forward()
 

@@ -7,6 +7,14 @@ anything is written: shapes, finite originals, a right inverse that accepts the 
 is wrong, each problem is reported and the module keeps all its tensors (the same objects,
 the same values), where ``nn.Module`` would have loaded part of the checkpoint. Other modules
 of the model load as PyTorch loads them.
+
+State that a parametrization derives from its input must fit the loaded tensors, not the
+ones it replaces (spectral norm's power-iteration vectors: Note [Power-iteration state after
+a load or an assignment] in ``tether.constraints._spectral_norm``). A plain entry gets it
+from ``right_inverse``. A checkpoint in tether's layout that holds the originals but not that
+state (saved without it, or cut down for ``strict=False``) gets it from the first
+parametrization's ``state_for(*originals)``, when it defines one: a dict from the names of
+its missing buffers to their values for the loaded originals, which then load as if saved.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ def prepare(
         block = f"{prefix}parametrizations.{name}."
         for child_key, tensor in plists[name].state_dict().items():
             state_dict[block + child_key] = tensor
+    for name, plist in plists.items():
+        if name not in plain:
+            _derive_missing_state(plist, state_dict, f"{prefix}parametrizations.{name}.")
 
 
 def _inverse(plist: ParametrizationList, value: Any, assign: bool) -> tuple[Tensor, ...]:
@@ -84,6 +95,33 @@ def _inverse(plist: ParametrizationList, value: Any, assign: bool) -> tuple[Tens
         what = f"{plist.label} would get originals of another shape."
         expect_same_shape(original.shape, result.shape, what, _FIX_SHAPE)
     return results
+
+
+def _derive_missing_state(
+    plist: ParametrizationList, state_dict: dict[str, Any], block: str
+) -> None:
+    """Add the first parametrization's state for the checkpoint's originals where it lacks it."""
+    state_for = getattr(plist[0], "state_for", None)
+    if not callable(state_for):
+        return
+    first = block + "0."
+    missing = [key for key in plist[0].state_dict() if first + key not in state_dict]
+    names = ["original"] if plist.is_tensor else [f"original{i}" for i in range(plist.ntensors)]
+    if not missing or any(block + n not in state_dict for n in names):
+        return
+    # On the device the originals will have: a meta original is replaced (assign=True).
+    inputs = [
+        state_dict[block + n].to(
+            device=state_dict[block + n].device if current.is_meta else current.device,
+            dtype=current.dtype,
+        )
+        for n, current in zip(names, plist.originals(), strict=True)
+    ]
+    with torch.no_grad():
+        state = state_for(*inputs)
+    for key in missing:
+        if key in state:
+            state_dict[first + key] = state[key]
 
 
 def _originals_problems(

@@ -55,9 +55,14 @@ def plain_state_dict(module: nn.Module, *, prefix: str = "") -> dict[str, Any]:
         if _block_of(at, replacements) is not None:
             continue  # inside a parametrization, which the plain model does not have
         with torch.no_grad():
-            for tensor_name in container._modules:
+            for tensor_name, plist in container._modules.items():
                 block = f"{at}parametrizations.{tensor_name}."
+                # Reading may change state (spectral norm's power step in training mode): the
+                # value is what the next read gives, and the model is left as it was.
+                kept = [(t, t.clone()) for m in plist.children() for t in m.buffers()]
                 value = getattr(submodule, tensor_name).detach()
+                for tensor, saved in kept:
+                    tensor.copy_(saved)
                 replacements[block] = [(at + tensor_name, value)]
 
     plain: OrderedDict[str, Any] = OrderedDict()

@@ -270,6 +270,15 @@ def _check_appended(
                         f"Register it first: tether.remove_parametrizations(module, "
                         f"{tensor_name!r}), register it, then register the others after it."
                     )
+                if isinstance(restored, Tensor) and restored.shape != current.shape:
+                    raise ValueError(
+                        f"{context} with {type(parametrization).__name__}: its right_inverse "
+                        f"turns a value of shape {tuple(current.shape)} into an original of "
+                        f"shape {tuple(restored.shape)}, and a parametrization whose original "
+                        "has another shape than the tensor must be the first on a tensor. "
+                        f"Register it first: tether.remove_parametrizations(module, "
+                        f"{tensor_name!r}), register it, then register the others after it."
+                    )
                 _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
         value = call_labelled(parametrization, current, context, label)
         _check_like(current, value, f"parametrization({label})", fix)

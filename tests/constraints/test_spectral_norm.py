@@ -252,13 +252,16 @@ def test_checkpoints_move_both_ways(direction):
         assert torch.equal(mine, theirs_)
 
 
-def test_right_inverse_keeps_the_tensor_as_torch_does():
+def test_right_inverse_keeps_the_tensor_as_torch_does_and_fits_the_vectors():
     ours, theirs = seeded_pair(LAYERS["linear"])
     X = torch.randn(3, 5)
     ours.weight = X
     theirs.weight = X
     assert torch.equal(ours.parametrizations.weight.original, X)
-    assert torch.equal(ours.weight, theirs.weight)
+    assert torch.equal(theirs.parametrizations.weight.original, X)
+    # torch keeps the vectors of the old weight, so its estimate lags; ours are fitted to X.
+    assert sigma(ours.weight).item() == pytest.approx(1.0, abs=tolerance(torch.float32))
+    assert sigma(theirs.weight).item() > 1 + 1e-3
 
 
 # Checkpoints of the old hook-based torch.nn.utils.spectral_norm
@@ -303,6 +306,131 @@ def test_old_checkpoint_loads_into_exact_normalization():
     new.load_state_dict(old.state_dict(), strict=True)
     original = old.weight_orig.detach()
     assert torch.allclose(new.weight, original / sigma(original))
+
+
+def test_old_checkpoint_loads_into_a_conv_operator_with_fitted_vectors():
+    old = trained_old_spectral_norm("conv2d")
+    input_shape = (3, 5, 5)
+    new = tether.spectral_norm(LAYERS["conv2d"](), conv_operator=True, input_shape=input_shape)
+    new.load_state_dict(old.state_dict(), strict=True)  # the old vectors do not carry over
+    new.eval()
+    assert torch.equal(new.parametrizations.weight.original, old.weight_orig)
+    assert buffers(new)[0].shape == (4, 3, 3)
+    norm = conv_operator_norm(new.double(), input_shape).item()
+    assert norm == pytest.approx(1.0, abs=tolerance(torch.float32))
+
+
+# Vectors fitted to an assigned or loaded weight (Note [Power-iteration state after a load or
+# an assignment])
+
+# Layers in float64, how to normalize them, and their true largest singular value.
+FITTED = {
+    "linear": (lambda: nn.Linear(5, 3), {}),
+    "conv1d": (lambda: nn.Conv1d(2, 4, 3), {}),
+    "conv2d": (lambda: nn.Conv2d(3, 4, 3), {}),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 4, 2), {}),
+    "conv_operator": (CONVS["conv2d_strided"][0], {"conv_operator": True}),
+    "conv_transpose_operator": (CONVS["conv_transpose1d"][0], {"conv_operator": True}),
+}
+OPERATOR_INPUTS = {
+    "conv_operator": CONVS["conv2d_strided"][1],
+    "conv_transpose_operator": CONVS["conv_transpose1d"][1],
+}
+
+
+def fitted_layer(kind: str, seed: int = 0) -> nn.Module:
+    make, options = FITTED[kind]
+    torch.manual_seed(seed)
+    if kind in OPERATOR_INPUTS:
+        options = {**options, "input_shape": OPERATOR_INPUTS[kind]}
+    return tether.spectral_norm(make().double(), **options)
+
+
+def true_sigma(layer: nn.Module, kind: str) -> float:
+    if kind in OPERATOR_INPUTS:
+        return conv_operator_norm(layer, OPERATOR_INPUTS[kind]).item()
+    transposed = isinstance(layer, nn.ConvTranspose2d)
+    return sigma(layer.weight.detach(), dim=1 if transposed else 0).item()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", FITTED)
+def test_assignment_fits_the_vectors_to_the_new_weight(kind, mode):
+    layer = fitted_layer(kind).train(mode == "train")
+    original = layer.parametrizations.weight.original
+    X = 3.0 * torch.randn_like(original)
+    layer.weight = X
+    assert torch.equal(original, X)
+    assert true_sigma(layer, kind) == pytest.approx(1.0, abs=tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("kind", FITTED)
+def test_fitting_vectors_that_are_already_fitted_changes_nothing(kind):
+    layer = fitted_layer(kind).eval()
+    X = torch.randn_like(layer.parametrizations.weight.original)
+    layer.weight = X
+    u, v = (b.clone() for b in buffers(layer))
+    weight = layer.weight.detach().clone()
+    layer.weight = X
+    for before, after in zip((u, v), buffers(layer), strict=True):
+        assert torch.allclose(before, after, atol=tolerance(torch.float64))
+    assert torch.allclose(layer.weight, weight, atol=tolerance(torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv_operator"])
+def test_power_method_fits_layers_beyond_the_dense_limit(kind, monkeypatch):
+    monkeypatch.setattr("tether.constraints._spectral_norm._DENSE_LIMIT", 0)
+    layer = fitted_layer(kind).eval()
+    layer.weight = torch.randn_like(layer.parametrizations.weight.original)
+    assert true_sigma(layer, kind) == pytest.approx(1.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("dense_limit", [0, 1 << 22], ids=["power_method", "svd"])
+def test_vectors_that_are_not_finite_are_replaced(dense_limit, monkeypatch):
+    # What to_empty() leaves after building on the meta device, say.
+    monkeypatch.setattr("tether.constraints._spectral_norm._DENSE_LIMIT", dense_limit)
+    layer = fitted_layer("linear").eval()
+    for vector in buffers(layer):
+        vector.fill_(float("nan"))
+    layer.weight = torch.randn(3, 5, dtype=torch.float64)
+    assert true_sigma(layer, "linear") == pytest.approx(1.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_assignment_fits_the_vectors(dtype):
+    layer = tether.spectral_norm(nn.Linear(6, 4, dtype=dtype)).eval()
+    layer.weight = 3.0 * torch.randn(4, 6, dtype=dtype)
+    assert buffers(layer)[0].dtype == dtype and layer.weight.dtype == dtype
+    value = sigma(layer.weight.detach().double()).item()
+    assert value == pytest.approx(1.0, abs=8 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("kind", FITTED)
+def test_checkpoint_with_vectors_loads_them_as_they_are(kind):
+    # Saved after an optimizer step: the vectors lag the original, and the loaded model must
+    # still compute exactly what the saved one does.
+    source = fitted_layer(kind)
+    with torch.no_grad():
+        source.parametrizations.weight.original.add_(torch.randn_like(source.weight))
+    target = fitted_layer(kind, seed=1)
+    target.load_state_dict(source.state_dict(), strict=True)
+    for module in [source, target]:
+        module.eval()
+    assert torch.equal(target.weight, source.weight)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("kind", FITTED)
+def test_checkpoint_without_vectors_gets_vectors_fitted_to_its_original(kind, strict):
+    source = fitted_layer(kind)
+    checkpoint = {k: v for k, v in source.state_dict().items() if not k.endswith(("_u", "_v"))}
+    target = fitted_layer(kind, seed=1).eval()
+    result = target.load_state_dict(checkpoint, strict=strict)
+    assert result.missing_keys == result.unexpected_keys == []
+    assert torch.equal(
+        target.parametrizations.weight.original, checkpoint["parametrizations.weight.original"]
+    )
+    assert true_sigma(target, kind) == pytest.approx(1.0, abs=tolerance(torch.float64))
 
 
 # Exact normalization and bounds

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import abc
+import functools
 import math
-from collections.abc import Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from tether._checks import where
+from tether._checks import bad_dtype, where
+from tether.functional._precision import (
+    autocast_enabled,
+    compute_dtype,
+    real_dtype,
+    storage_dtype,
+    stored_as,
+    to_storage,
+    upcast,
+)
 from tether.parametrize import register_parametrization
 
 __all__ = ["Constraint", "default_atol", "register_constraint"]
@@ -60,8 +70,29 @@ class Constraint(nn.Module, abc.ABC):
     from the set) and :meth:`in_manifold` (membership within a tolerance).
 
     Subclasses implement ``forward``, ``right_inverse``, ``sample`` and ``distance``, and
-    override :meth:`check_shape` when the math rules out some shapes.
+    override :meth:`check_shape` when the math rules out some shapes. Set
+    ``supports_complex = False`` (on the class or the instance) for a set of real tensors
+    only: complex tensors are then refused with a ``ValueError``, as integer and boolean ones
+    always are with a ``TypeError`` (:meth:`check_dtype`).
+
+    The four methods run in the compute dtype (Note [Low-precision tensors] in
+    ``tether.functional._precision``): a ``float16`` or ``bfloat16`` tensor is computed on in
+    ``float32`` (``complex32`` in ``complex64``) and the results are rounded back to its dtype,
+    gradients included, as autocast does for linear algebra; autocast itself is disabled
+    inside them. Subclasses get this without writing anything: defining one of the four
+    methods wraps it. State that ``right_inverse`` leaves in buffers is stored in the tensor's
+    dtype, like ``module.to()`` would; ``forward`` casts such a buffer to the dtype of its
+    input before use.
     """
+
+    supports_complex: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, wrap in _IN_COMPUTE_DTYPE.items():
+            method = cls.__dict__.get(name)
+            if method is not None:
+                setattr(cls, name, wrap(method))
 
     @abc.abstractmethod
     def forward(self, X: Tensor) -> Tensor:
@@ -89,8 +120,24 @@ class Constraint(nn.Module, abc.ABC):
     def check_shape(self, shape: torch.Size, label: str) -> None:
         """Raise a ``ValueError`` naming ``label`` if the set has no member of this shape."""
 
+    def check_dtype(self, dtype: torch.dtype, label: str | None = None) -> None:
+        """Raise an error naming ``label`` (if given) if the set has no tensor of ``dtype``.
+
+        A ``TypeError`` for integer and boolean dtypes, always; a ``ValueError`` for complex
+        ones unless ``supports_complex``. Registration checks it first; ``right_inverse``,
+        ``distance``, ``sample`` and :meth:`in_manifold` check it too, so that a constraint
+        registered as a class gets the same error.
+        """
+        if not (dtype.is_floating_point or (dtype.is_complex and self.supports_complex)):
+            raise bad_dtype(type(self).__name__, dtype, label)
+
     def in_manifold(self, X: Tensor, atol: float | None = None) -> bool:
-        """Whether ``X`` is in the set, up to ``atol`` (default: :func:`default_atol`)."""
+        """Whether ``X`` is in the set, up to ``atol`` (default: :func:`default_atol`).
+
+        The default tolerance is that of ``X``'s own dtype, even where the distance is
+        computed in a higher precision: a ``bfloat16`` member is only that close to the set.
+        """
+        self.check_dtype(X.dtype)
         try:
             self.check_shape(X.shape, "X")
         except ValueError:
@@ -99,9 +146,94 @@ class Constraint(nn.Module, abc.ABC):
         return bool(self.distance(X) <= tolerance)
 
 
+def _store_state(constraint: nn.Module, computed: torch.dtype, stored: torch.dtype) -> None:
+    """Round the buffers a computation in ``computed`` left on ``constraint`` to ``stored``."""
+    for name, buffer in constraint._buffers.items():
+        if buffer is not None and buffer.dtype in (computed, real_dtype(computed)):
+            constraint._buffers[name] = buffer.to(storage_dtype(buffer.dtype, stored))
+
+
+Method = Callable[..., Any]
+
+
+def _forward_in_compute_dtype(forward: Method) -> Method:
+    @functools.wraps(forward)
+    def wrapper(self: Constraint, *tensors: Tensor) -> Any:
+        X = tensors[0]
+        if autocast_enabled(X):
+            with torch.autocast(X.device.type, enabled=False):
+                return wrapper(self, *tensors)
+        stored = X.dtype
+        computed = compute_dtype(stored)
+        if computed == stored:  # float32 and float64: no cast at all on the hot path
+            return forward(self, *tensors)
+        return to_storage(forward(self, *map(upcast, tensors)), stored)
+
+    return wrapper
+
+
+def _tensor_in_compute_dtype(method: Method, *, keeps_state: bool) -> Method:
+    """``right_inverse`` or ``distance``, which take one tensor ``X``, in its compute dtype."""
+
+    @functools.wraps(method)
+    def wrapper(self: Constraint, X: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(X, Tensor):  # let the method say what it thinks of it
+            return method(self, X, *args, **kwargs)
+        self.check_dtype(X.dtype)
+        if autocast_enabled(X):
+            with torch.autocast(X.device.type, enabled=False):
+                return wrapper(self, X, *args, **kwargs)
+        stored = X.dtype
+        computed = compute_dtype(stored)
+        if computed == stored:
+            return method(self, X, *args, **kwargs)
+        with stored_as(stored):
+            result = method(self, X.to(computed), *args, **kwargs)
+        if keeps_state:
+            _store_state(self, computed, stored)
+        return to_storage(result, stored)
+
+    return wrapper
+
+
+def _sample_in_compute_dtype(sample: Method) -> Method:
+    @functools.wraps(sample)
+    def wrapper(
+        self: Constraint,
+        shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        stored = torch.get_default_dtype() if dtype is None else dtype
+        self.check_dtype(stored)
+        device_type = torch.device(device or torch.get_default_device()).type
+        if autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return wrapper(self, shape, dtype=dtype, device=device, generator=generator)
+        computed = compute_dtype(stored)
+        if computed == stored:
+            return sample(self, shape, dtype=dtype, device=device, generator=generator)
+        with stored_as(stored):
+            X = sample(self, shape, dtype=computed, device=device, generator=generator)
+        return to_storage(X, stored)
+
+    return wrapper
+
+
+_IN_COMPUTE_DTYPE: dict[str, Callable[[Method], Method]] = {
+    "forward": _forward_in_compute_dtype,
+    "right_inverse": functools.partial(_tensor_in_compute_dtype, keeps_state=True),
+    "distance": functools.partial(_tensor_in_compute_dtype, keeps_state=False),
+    "sample": _sample_in_compute_dtype,
+}
+
+
 def register_constraint(module: M, name: str, constraint: Constraint) -> M:
-    """Check that ``module.<name>`` has a shape the constraint allows, then register it."""
+    """Check that ``module.<name>`` has a dtype and shape the constraint takes, then register it."""
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
+        constraint.check_dtype(tensor.dtype, where(module, name))
         constraint.check_shape(tensor.shape, where(module, name))
     return register_parametrization(module, name, constraint)

@@ -63,13 +63,19 @@ class ConvOperator(abc.ABC):
     def power_iteration(
         self, weight: Tensor, u: Tensor, v: Tensor, n_power_iterations: int, eps: float
     ) -> tuple[Tensor, Tensor]:
-        """The steps of :func:`tether.functional.power_iteration`, through the layer."""
+        """The steps of :func:`tether.functional.power_iteration`, through the layer.
+
+        The vectors are taken in the weight's dtype: a low-precision layer's weight arrives
+        here in float32 (Note [Low-precision tensors]) while its buffers stay in its dtype.
+        """
+        u, v = u.to(weight.dtype), v.to(weight.dtype)
         for _ in range(n_power_iterations):
             u = _normalize(self.apply(v[None], weight)[0], eps)
             v = _normalize(self.adjoint(u[None], weight)[0], eps)
         return u, v
 
     def estimate(self, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        u, v = u.to(weight.dtype), v.to(weight.dtype)
         return torch.vdot(u.flatten(), self.apply(v[None], weight).flatten())
 
     def matrix(self, weight: Tensor) -> Tensor:

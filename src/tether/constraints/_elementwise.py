@@ -53,6 +53,8 @@ class Positive(Constraint):
         True
     """
 
+    supports_complex = False
+
     def __init__(self, map: Literal["softplus", "exp"] = "softplus") -> None:
         super().__init__()
         self.map = choice(map, "map", tuple(_POSITIVE_MAPS), "positive()")
@@ -109,6 +111,8 @@ class Bounded(Constraint):
         >>> bool((layer.weight.abs() < 0.1).all())
         True
     """
+
+    supports_complex = False
 
     def __init__(self, low: float, high: float) -> None:
         super().__init__()
@@ -179,6 +183,8 @@ class Simplex(Constraint):
         >>> torch.allclose(layer.weight.sum(dim=-1), torch.ones(3))
         True
     """
+
+    supports_complex = False
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()

@@ -74,6 +74,7 @@ class Hurwitz(Constraint):
     """
 
     _owner = "hurwitz()"
+    supports_complex = False
 
     def forward(self, Y: Tensor, Z: Tensor) -> Tensor:  # type: ignore[override]  # two originals
         return dissipative(Y) @ log_cholesky(Z)
@@ -81,6 +82,8 @@ class Hurwitz(Constraint):
     @torch.no_grad()
     def right_inverse(self, A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
         self.check_shape(A.shape, "the assigned value")
+        if A.is_meta:  # no values on the meta device: originals of the right shape only
+            return torch.empty_like(A), torch.empty_like(A)
         A = self._project(A)
         A64 = A.to(torch.float64)
         n = A.shape[-1]

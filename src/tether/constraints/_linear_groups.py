@@ -46,7 +46,7 @@ M = TypeVar("M", bound=nn.Module)
 
 def _reflect_negative(X: Tensor, sign: Tensor) -> Tensor:
     """``X - 2 σₙ uₙ vₙᵀ`` where ``sign < 0``, ``X`` elsewhere: see Note [GL+(n) by QR]."""
-    if not bool((sign < 0).any()):
+    if X.is_meta or not bool((sign < 0).any()):  # meta: no values, shapes only
         return X
     U, S, Vh = torch.linalg.svd(X)
     smallest = S[..., -1, None, None] * (U[..., :, -1:] @ Vh[..., -1:, :])
@@ -103,6 +103,7 @@ class Invertible(Constraint):
     """
 
     _owner = "invertible()"
+    supports_complex = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,13 +116,14 @@ class Invertible(Constraint):
     @torch.no_grad()
     def right_inverse(self, X: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]  # two originals
         self.check_shape(X.shape, "the assigned value")
+        values = not X.is_meta  # on the meta device only shapes are computed
         sign = torch.linalg.slogdet(X).sign
-        if not bool((sign != 0).all()):
+        if values and not bool((sign != 0).all()):
             raise self._singular()
         Q, R = torch.linalg.qr(_reflect_negative(X, sign))
         # Signs fixed so that R has a positive diagonal: then det Q = det X / det R > 0.
         signs = R.diagonal(dim1=-2, dim2=-1).sign()
-        if not bool((signs != 0).all()):
+        if values and not bool((signs != 0).all()):
             raise self._singular()
         return Q * signs.unsqueeze(-2), self._triangular_inverse(R * signs.unsqueeze(-1))
 
@@ -291,7 +293,8 @@ class AlmostOrthogonal(_Factored):
         r = min(n, k)
         U = torch.randn(*batch, n, r, dtype=dtype, device=device, generator=generator)
         V = torch.randn(*batch, k, r, dtype=dtype, device=device, generator=generator)
-        t = torch.rand(*batch, r, dtype=dtype, device=device, generator=generator)
+        # Real singular values, for complex matrices too.
+        t = torch.rand(*batch, r, dtype=U.real.dtype, device=device, generator=generator)
         return factored(orthonormalize(U), 1 + self.lam * (2 * t - 1), orthonormalize(V))
 
     def extra_repr(self) -> str:

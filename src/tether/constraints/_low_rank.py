@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from tether._checks import bad_shape, bad_type, bad_value
 from tether.constraints._base import Constraint, gaussian_matrix, register_constraint
 from tether.functional import factored, orthonormalize, softplus_inverse, truncated_svd
+from tether.functional._precision import upcast
 
 __all__ = ["FixedRank", "LowRank", "fixed_rank", "low_rank"]
 
@@ -274,7 +275,8 @@ def has_numerical_rank(X: Tensor, rank: int) -> bool:
     """
     if X.numel() == 0:
         return True
-    sigma = torch.linalg.svdvals(X)
+    # In the compute dtype, with the threshold of the stored one: Note [Low-precision tensors].
+    sigma = torch.linalg.svdvals(upcast(X))
     threshold = max(X.shape[-2:]) * torch.finfo(X.dtype).eps * sigma[..., :1]
     return bool((sigma[..., rank - 1 : rank] > threshold).all())
 

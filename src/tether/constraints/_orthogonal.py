@@ -9,10 +9,13 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
+from tether import _cache
 from tether._checks import bad_shape, where
 from tether._parametrization_list import plists_of
-from tether.constraints._base import Constraint, register_constraint, worst
+from tether.constraints._base import Constraint, default_atol, register_constraint, worst
+from tether.constraints._rebase import averaged_module, original_against
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
+from tether.functional._precision import compute_dtype, precision_eps
 
 __all__ = [
     "Grassmannian",
@@ -80,7 +83,7 @@ def _neutral(like: Tensor) -> Tensor:
 def _is_orthonormal(Q: Tensor) -> bool:
     k = Q.shape[-1]
     eye = torch.eye(k, dtype=Q.dtype, device=Q.device)
-    return torch.allclose(Q.mH @ Q, eye, atol=10.0 * Q.shape[-2] * torch.finfo(Q.dtype).eps)
+    return torch.allclose(Q.mH @ Q, eye, atol=10.0 * Q.shape[-2] * precision_eps(Q))
 
 
 def _complete(Q: Tensor) -> Tensor:
@@ -162,7 +165,8 @@ class Orthogonal(Constraint):
                     f"{type(self).__name__} has no base point yet: register it with "
                     "tether.register_parametrization (or assign a weight) before using it."
                 )
-            Q = self.base @ Q
+            # The base is stored in the weight's dtype: cast it to the one computed in.
+            Q = self.base.to(Q.dtype) @ Q
         return Q.mT if transposed else Q
 
     @torch.no_grad()
@@ -191,12 +195,13 @@ class Orthogonal(Constraint):
 
     def _set_base(self, base: Tensor) -> None:
         current = self.base
-        if current is not None and (current.shape, current.dtype, current.device) == (
-            base.shape,
-            base.dtype,
-            base.device,
+        if (
+            current is not None
+            and (current.shape, current.device) == (base.shape, base.device)
+            and compute_dtype(current.dtype) == base.dtype
         ):
-            current.copy_(base)  # in place: a compiled model does not recompile
+            # In place, rounded to the stored dtype: a compiled model does not recompile.
+            current.copy_(base)
         else:
             # QR returns column-major matrices; safetensors saves only contiguous tensors.
             self.base = base.contiguous()
@@ -258,6 +263,8 @@ class SpecialOrthogonal(Orthogonal):
         >>> round(torch.linalg.det(layer.weight).item(), 5)
         1.0
     """
+
+    supports_complex = False
 
     def __init__(self, orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp") -> None:
         if orthogonal_map not in ("matrix_exp", "cayley"):
@@ -408,7 +415,9 @@ def grassmannian(
     return register_constraint(module, name, Grassmannian(orthogonal_map))
 
 
-def update_base(module: nn.Module, name: str = "weight") -> None:
+def update_base(
+    module: nn.Module, name: str = "weight", *, averaged: nn.Module | None = None
+) -> None:
     """Move the base point of ``module.<name>``'s trivialization to the current weight.
 
     The weight does not change; its original goes back to the neutral point and the base
@@ -417,8 +426,27 @@ def update_base(module: nn.Module, name: str = "weight") -> None:
     with a base point]). Optimizer state for the original (momentum, Adam moments) refers to
     the old coordinates; resetting it is usually wise.
 
+    An averaged copy of the model (EMA or SWA, as :class:`torch.optim.swa_utils.AveragedModel`
+    makes) averages the originals, which only means something while it shares the model's
+    base. Pass it as ``averaged`` and it moves along: it takes the model's new base and the
+    original that keeps its own weight where it was (to rounding), so both average against
+    one base again, the average stays orthogonal, and once the model stops moving it
+    converges to the model's weight. Without it the copy's weight jumps at each call (Note
+    [An averaged copy and update_base] in ``tether.constraints._rebase``). ``averaged`` is the
+    copy of ``module`` (``ema.module.<path>``), or the ``AveragedModel`` when ``module`` is the
+    whole model; both ``use_buffers`` settings work.
+
+    Args:
+        module: the module holding the constrained tensor.
+        name: the constrained tensor.
+        averaged: the averaged copy of ``module`` to move along, if any.
+
     Raises:
-        ValueError: ``module.<name>`` has no constraint with a base point.
+        ValueError: ``module.<name>`` has no constraint with a base point; or, with
+            ``averaged``: it is not a copy of ``module`` with the same constraints on
+            ``name``, the constraint with a base is not the first of its chain, it is a
+            Grassmannian, or the averaged weight is too far from the model's to be written
+            against the new base. Nothing is changed then.
 
     Example:
         >>> import torch, tether
@@ -429,6 +457,18 @@ def update_base(module: nn.Module, name: str = "weight") -> None:
         >>> tether.update_base(layer)
         >>> torch.allclose(layer.weight, before, atol=1e-6)
         True
+
+        With an exponential moving average of the model:
+
+        >>> from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        >>> ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+        >>> with torch.no_grad():
+        ...     _ = layer.parametrizations.weight.original.add_(0.1)  # a training step
+        >>> ema.update_parameters(layer)
+        >>> average = ema.module.weight.detach().clone()
+        >>> tether.update_base(layer, averaged=ema)
+        >>> torch.allclose(ema.module.weight, average, atol=1e-6)
+        True
     """
     chain = plists_of(module).get(name, ())
     if not any(isinstance(getattr(p, "base", None), Tensor) for p in chain):
@@ -437,5 +477,76 @@ def update_base(module: nn.Module, name: str = "weight") -> None:
             "Register tether.orthogonal (use_trivialization=True), special_orthogonal or "
             "grassmannian on it first."
         )
-    with torch.no_grad():
-        setattr(module, name, getattr(module, name))
+    if averaged is None:
+        with torch.no_grad():
+            setattr(module, name, getattr(module, name))
+        return
+
+    who = f"update_base() on {where(module, name)}"
+    plist = plists_of(module)[name]
+    twin = averaged_module(averaged)
+    copy_chain = plists_of(twin).get(name) if isinstance(twin, nn.Module) else None
+    if (
+        copy_chain is None
+        or [type(p) for p in copy_chain] != [type(p) for p in plist]
+        or copy_chain.original.shape != plist.original.shape
+    ):
+        raise ValueError(
+            f"{who}: `averaged` must be the averaged copy of this module, with the same "
+            f"parametrizations on {name!r}; got {type(twin).__name__}. Pass the copy of this "
+            "very module, e.g. update_base(model.layer, averaged=ema.module.layer)."
+        )
+    constraint, copy_constraint = plist[0], copy_chain[0]
+    if (
+        not isinstance(constraint, Orthogonal)
+        or not isinstance(copy_constraint, Orthogonal)
+        or not isinstance(constraint.base, Tensor)
+        or any(isinstance(getattr(p, "base", None), Tensor) for p in list(plist)[1:])
+    ):
+        raise ValueError(
+            f"{who}: with `averaged`, the constraint with a base point must be the first "
+            "parametrization on the tensor, and the only one with a base. Register it first."
+        )
+    if isinstance(constraint, Grassmannian):
+        raise ValueError(
+            f"{who}: an averaged copy of a Grassmannian weight cannot follow update_base: the "
+            "weight moves only across subspaces, so the copy's weight is generally out of "
+            "reach of the model's new base. Use tether.orthogonal, or rebuild the averaged "
+            "copy after update_base."
+        )
+    saved = [
+        (each, {key: t.clone() for key, t in each.state_dict().items()})
+        for each in (plist, copy_chain)
+    ]
+    try:
+        with torch.no_grad():
+            value = copy_constraint(copy_chain.original)
+            setattr(module, name, getattr(module, name))
+            base = constraint.base
+            copy_constraint._set_base(
+                base.to(device=value.device, dtype=compute_dtype(value.dtype))
+            )
+            householder_inverse = Orthogonal("householder", use_trivialization=False)
+            original = original_against(
+                base.to(value.device),
+                value,
+                constraint.orthogonal_map,
+                householder_inverse.right_inverse,
+            )
+            error = (
+                float("inf")
+                if original is None
+                else float((copy_constraint(original) - value).abs().max())
+            )
+            if original is None or error > default_atol(value.dtype):
+                raise ValueError(
+                    f"{who}: the averaged copy's weight is too far from the model's to be "
+                    f"written against the new base (off by {error:.2g} after the attempt). "
+                    "Call update_base more often, or rebuild the averaged copy."
+                )
+            copy_chain.original.copy_(original)
+        _cache.invalidate(copy_chain)
+    except BaseException:
+        for each, state in saved:
+            each.load_state_dict(state)
+        raise

@@ -23,6 +23,7 @@ from tether.functional import (
     spd_softplus_inverse,
     symmetric_part,
 )
+from tether.functional._precision import upcast
 
 __all__ = [
     "PSDFixedRank",
@@ -85,8 +86,9 @@ def _has_positive_eigenvalues(X: Tensor, count: int) -> bool:
     Clearly: above ``n · eps · max|λ|``, the threshold of ``torch.linalg.matrix_rank``, so
     that rounding errors in a singular matrix do not count as positive eigenvalues.
     """
-    L = torch.linalg.eigvalsh(symmetric_part(X))
-    tolerance = X.shape[-1] * torch.finfo(L.dtype).eps * L.abs().amax(dim=-1)
+    # In the compute dtype, with the threshold of the stored one: Note [Low-precision tensors].
+    L = torch.linalg.eigvalsh(symmetric_part(upcast(X)))
+    tolerance = X.shape[-1] * torch.finfo(X.dtype).eps * L.abs().amax(dim=-1)
     return bool((L[..., -count] > tolerance).all())
 
 

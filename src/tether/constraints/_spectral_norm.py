@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tether._checks import bad_shape, bad_type, bad_value, check_dim, describe, where
+from tether._checks import bad_dtype, bad_shape, bad_type, bad_value, check_dim, describe, where
 from tether.constraints._base import Constraint, register_constraint
 from tether.constraints._conv_operator import (
     CONV_LAYERS,
@@ -23,6 +23,7 @@ from tether.constraints._conv_operator import (
 )
 from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
 from tether.functional import largest_singular_value, power_iteration, singular_value_estimate
+from tether.functional._precision import precision_eps, upcast
 
 __all__ = ["SpectralNorm", "spectral_norm"]
 
@@ -32,6 +33,38 @@ M = TypeVar("M", bound=nn.Module)
 # the top singular vectors; we do the same, which keeps the buffers equal to torch's.
 _WARMUP_ITERATIONS = 15
 
+# Note [Power-iteration state after a load or an assignment]
+#     In eval mode the vectors u, v are frozen and sigma is estimated as uᴴ W v. Vectors that
+#     belong to another weight make that estimate far too small (a fresh model's random
+#     vectors against a loaded weight gave sigma ≈ 0.07, hence a weight of norm 14.6), and in
+#     training mode one power step per evaluation takes many evaluations to catch up. torch
+#     never refits them (its right_inverse leaves them alone). Here every way a weight is set
+#     leaves vectors that belong to it:
+#
+#     - ``right_inverse`` (``module.weight = X``, a plain checkpoint) fits them to X: the top
+#       singular vectors, from an SVD of the reshaped weight or of the dense convolution
+#       operator when that has at most _DENSE_LIMIT entries, else from the power method run
+#       until the estimate stops growing. The one exception is the call registration makes,
+#       on the very weight the constructor warmed the vectors up on: they are kept, so that
+#       buffers and results stay torch's.
+#     - a checkpoint with the vectors (tether's or torch's layout, the hook-based format)
+#       loads them as they are: the model then computes exactly what the saved one did;
+#     - a checkpoint with the original but without the vectors (saved with ``exact=True``, or
+#       cut down and loaded with ``strict=False``) gets vectors fitted to that original:
+#       ``tether._loading`` asks ``state_for`` for them, and they load as if saved. So does a
+#       hook-based checkpoint loaded into a convolution operator, whose vectors do not carry
+#       over (``_load_legacy_spectral_norm``).
+#
+#     A fitted pair keeps the sign (the phase) of the vectors it replaces, so refitting
+#     vectors that were already right changes nothing.
+
+# Fit with an SVD up to this many entries of the matrix (16 MiB in float32); beyond, the SVD
+# costs seconds on a CPU while the power method usually stops after a few dozen steps.
+_DENSE_LIMIT = 1 << 22
+# The power method's fit: steps between two looks at the estimate, and at most this many.
+_FIT_STEPS = 10
+_FIT_ITERATIONS = 1000
+
 
 def _divide(X: Tensor, sigma: Tensor) -> Tensor:
     return X / sigma
@@ -40,6 +73,15 @@ def _divide(X: Tensor, sigma: Tensor) -> Tensor:
 def _clip(X: Tensor, sigma: Tensor, bound: float) -> Tensor:
     # X / max(1, sigma / bound): a tensor already inside the bound is left exactly as it is.
     return X / torch.clamp(sigma.abs() / bound, min=1.0)
+
+
+def _top_singular_vectors(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit ``u``, ``v`` with ``W v = sigma u`` and ``Wᴴ u = sigma v`` for the largest ``sigma``.
+
+    A fixed point of the power method, on which ``uᴴ W v`` is exactly ``sigma``.
+    """
+    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    return U[:, 0], Vh[0].conj()
 
 
 def _is_real_number(value: object) -> bool:
@@ -63,6 +105,8 @@ def _check_arguments(
     Returns the convolution operator when ``conv`` is given.
     """
     who = f"{function} on {label}"
+    if not (weight.is_floating_point() or weight.is_complex()):
+        raise bad_dtype("SpectralNorm", weight.dtype, None if label == "the weight" else label)
     if not isinstance(n_power_iterations, int) or isinstance(n_power_iterations, bool):
         raise bad_type(who, "n_power_iterations", "an int", n_power_iterations)
     if n_power_iterations <= 0:  # torch's wording
@@ -114,9 +158,12 @@ class SpectralNorm(Constraint):
       its transpose (or exactly, from its dense matrix, with ``exact=True``). This is the
       layer's Lipschitz constant, which the norm of the reshaped kernel does not give.
 
-    ``right_inverse`` returns the tensor unchanged, as torch's does: the buffers are not
-    touched, so after assigning a new weight the power method catches up during training-mode
-    evaluations (or use ``exact=True``).
+    ``right_inverse`` returns the tensor unchanged, as torch's does, and fits ``u`` and ``v``
+    to it (torch leaves them alone, so that its estimate lags after an assignment or a plain
+    checkpoint, badly so in eval mode): after ``module.weight = X``, loading a plain
+    checkpoint, or loading one without the vectors, they are the top singular vectors of
+    the new weight. A checkpoint with the vectors loads them as saved, so that the model
+    computes exactly what the saved one did.
 
     Args:
         weight: the tensor to be normalized; it sizes the buffers and starts the power method.
@@ -193,6 +240,10 @@ class SpectralNorm(Constraint):
             _divide if self.bound is None else functools.partial(_clip, bound=self.bound)
         )
         self._operator = operator
+        # The vectors are warmed up on ``weight``; registration passes that same weight to
+        # right_inverse, which then keeps them (Note [Power-iteration state after a load or
+        # an assignment]).
+        self._keep_next_fit = True
         self._sigma: Callable[[Tensor], Tensor]
         self._exact_sigma: Callable[[Tensor], Tensor]
         with torch.no_grad():
@@ -226,6 +277,107 @@ class SpectralNorm(Constraint):
         u, v = iterate(W, u.view(*u_shape), v.view(*v_shape), _WARMUP_ITERATIONS, self.eps)
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
+
+    @torch.no_grad()
+    def _fitted_vectors(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        """The top singular vectors of ``X`` (its matrix, or its convolution operator).
+
+        See Note [Power-iteration state after a load or an assignment]. The pair takes the
+        sign (phase) of the current vectors where those are finite, and is returned in the
+        dtype ``X`` is computed in (float32 for float16 and bfloat16).
+        """
+        X = upcast(X)
+        operator = self._operator
+        # The vectors being replaced: where to start the power method, and the phase to keep.
+        if self._u.is_meta:  # loading with assign=True into a model built on the meta device
+            u_old = torch.full(self._u.shape, math.nan, dtype=X.dtype, device=X.device)
+            v_old = torch.full(self._v.shape, math.nan, dtype=X.dtype, device=X.device)
+        else:
+            u_old, v_old = (b.to(device=X.device, dtype=X.dtype) for b in (self._u, self._v))
+        if operator is not None:
+            if math.prod(operator.input_shape) * math.prod(operator.output_shape) <= _DENSE_LIMIT:
+                u, v = _top_singular_vectors(operator.matrix(X))
+                u, v = u.view(operator.output_shape), v.view(operator.input_shape)
+            else:
+                u, v = self._power_fit(
+                    functools.partial(operator.power_iteration, X),
+                    functools.partial(operator.estimate, X),
+                    u_old,
+                    v_old,
+                )
+        else:
+            W = self._matrix(X)
+            if W.numel() <= _DENSE_LIMIT:
+                u, v = _top_singular_vectors(W)
+            else:
+                u, v = self._power_fit(
+                    functools.partial(power_iteration, W),
+                    functools.partial(singular_value_estimate, W),
+                    u_old,
+                    v_old,
+                )
+        # Keep the phase of the vectors being replaced: u and v turn together, so the estimate
+        # and the normalized weight do not change, and vectors that were right stay as they are.
+        overlap = torch.vdot(v.flatten(), v_old.flatten())
+        if bool(overlap.isfinite()) and bool(overlap.abs() > 0):
+            phase = overlap / overlap.abs()
+            u, v = u * phase, v * phase
+        return u, v
+
+    def _power_fit(
+        self,
+        iterate: Callable[[Tensor, Tensor, int, float], tuple[Tensor, Tensor]],
+        estimate: Callable[[Tensor, Tensor], Tensor],
+        u: Tensor,
+        v: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The power method from ``(u, v)`` until the estimate stops growing (or a cap)."""
+        if not (bool(u.isfinite().all()) and bool(v.isfinite().all())) or not bool(v.any()):
+            # No usable start (a model built on the meta device, then to_empty): a fixed one.
+            generator = torch.Generator().manual_seed(0)
+            v = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
+        tolerance = precision_eps(v)
+        sigma = estimate(u, v).abs()
+        for _ in range(_FIT_ITERATIONS // _FIT_STEPS):
+            u, v = iterate(u, v, _FIT_STEPS, self.eps)
+            previous, sigma = sigma, estimate(u, v).abs()
+            # In exact arithmetic the estimate only grows, towards the largest singular value.
+            if bool(sigma - previous <= tolerance * sigma):
+                break
+        return u, v
+
+    def _is_state_of(self, X: Tensor) -> bool:
+        """Whether ``(u, v)`` is a power-method state of ``X``: ``v = normalize(Xᴴ u)``.
+
+        Checked to ``sqrt(eps)``: an error ``δ`` in ``v`` changes the estimate by ``δ²``.
+        """
+        X = upcast(X)
+        u, v = self._u.to(X.dtype), self._v.to(X.dtype)
+        if self._operator is not None:
+            back = self._operator.adjoint(u[None], X)[0]
+        else:
+            back = self._matrix(X).mH @ u
+        back = back / back.norm().clamp_min(self.eps)
+        return bool((back - v).norm() <= math.sqrt(precision_eps(X)))
+
+    @torch.no_grad()
+    def state_for(self, X: Tensor) -> dict[str, Tensor]:
+        """The vectors fitted to ``X``, by buffer name, without changing this module.
+
+        Loading a checkpoint that holds the original but not the vectors calls it with the
+        loaded original (see ``tether._loading``); ``right_inverse`` stores the same vectors.
+
+        Example:
+            >>> import torch
+            >>> W = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+            >>> state = SpectralNorm(W).state_for(W)
+            >>> torch.vdot(state["_u"], W @ state["_v"]).abs()
+            tensor(3.)
+        """
+        if "_u" not in self._buffers:  # exact, or a vector: no power iteration
+            return {}
+        u, v = self._fitted_vectors(X)
+        return {"_u": u.to(self._u.dtype), "_v": v.to(self._v.dtype)}
 
     @torch.no_grad()
     def reset_state(self, X: Tensor) -> None:
@@ -289,7 +441,15 @@ class SpectralNorm(Constraint):
     def forward(self, X: Tensor) -> Tensor:
         return self._scale(X, self._sigma(X))
 
+    @torch.no_grad()
     def right_inverse(self, X: Tensor) -> Tensor:
+        """``X`` itself, with the vectors fitted to it (Note [Power-iteration state after a
+        load or an assignment])."""
+        if "_u" in self._buffers and not X.is_meta:  # on the meta device: shapes only
+            keep = self._keep_next_fit and self._is_state_of(X)
+            self._keep_next_fit = False
+            if not keep:
+                self._refresh(*self._fitted_vectors(X))
         return X
 
     def sample(
@@ -352,10 +512,12 @@ def spectral_norm(
 
     A drop-in for :func:`torch.nn.utils.parametrizations.spectral_norm`: with the default
     keyword arguments, the same signature, results (for the same random seed, in training and
-    eval mode), buffers ``_u``, ``_v``, right inverse and ``state_dict`` keys
+    eval mode), buffers ``_u``, ``_v`` and ``state_dict`` keys
     (``parametrizations.weight.original``, ``parametrizations.weight.0._u``, ``..._v``), so
-    checkpoints move both ways. Checkpoints of the hook-based
-    :func:`torch.nn.utils.spectral_norm` (``weight_orig``, ``weight_u``, ``weight_v``) load too.
+    checkpoints move both ways. One difference: assigning a weight or loading a plain
+    checkpoint fits the vectors to the new weight, where torch keeps stale ones. Checkpoints
+    of the hook-based :func:`torch.nn.utils.spectral_norm` (``weight_orig``, ``weight_u``,
+    ``weight_v``) load too.
 
     Args:
         module: the module holding the tensor.
@@ -457,7 +619,9 @@ def _load_legacy_spectral_norm(
 
     See Note [Loading the checkpoints of torch's hook-based norms] in ``_legacy_checkpoints``.
     The vectors are kept only where they mean the same as torch's: a power method on the
-    reshaped matrix. Exact, vector and convolution-operator normalizations drop them.
+    reshaped matrix. Exact and vector normalizations have none; a convolution operator gets
+    vectors fitted to the loaded original instead (Note [Power-iteration state after a load
+    or an assignment]).
     """
     constraint = first_parametrization(module, name)
     if not isinstance(constraint, SpectralNorm):
@@ -468,6 +632,12 @@ def _load_legacy_spectral_norm(
     original, u, v = (state_dict.pop(key) for key in keys)
     block = f"{prefix}parametrizations.{name}."
     state_dict[block + "original"] = original
-    if constraint._operator is None and "_u" in constraint._buffers:
+    if "_u" not in constraint._buffers:
+        return
+    if constraint._operator is None:
         state_dict[block + "0._u"] = u
         state_dict[block + "0._v"] = v
+    elif isinstance(original, Tensor) and original.shape == constraint._shape:
+        value = original.to(device=constraint._u.device, dtype=constraint._u.dtype)
+        for key, vector in constraint.state_for(value).items():
+            state_dict[f"{block}0.{key}"] = vector

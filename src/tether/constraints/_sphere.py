@@ -198,6 +198,7 @@ def sphere(module: M, name: str = "weight", radius: float = 1.0, *, dim: Dim = N
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
         label = where(module, name)
+        constraint.check_dtype(tensor.dtype, label)
         constraint.check_shape(tensor.shape, label)
         constraint._check_projectable(tensor, label)
     return register_constraint(module, name, constraint)

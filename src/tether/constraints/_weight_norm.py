@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
-from tether._checks import bad_shape, bad_type, check_dim, where
+from tether._checks import bad_dtype, bad_shape, bad_type, check_dim, where
 from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
 from tether.functional import norm_except_dim, weight_normalize
 from tether.parametrize import register_parametrization
@@ -61,6 +61,8 @@ class WeightNorm(nn.Module):
         return weight_normalize(weight_g, weight_v, self.dim)
 
     def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        if not (weight.is_floating_point() or weight.is_complex()):
+            raise bad_dtype(type(self).__name__, weight.dtype)
         return norm_except_dim(weight, self.dim), weight
 
     def extra_repr(self) -> str:
@@ -86,7 +88,8 @@ def weight_norm(module: M, name: str = "weight", dim: int | None = 0) -> M:
 
     Raises:
         ValueError: ``module`` has no tensor ``name``, or it has no dimensions.
-        TypeError: ``dim`` is not an int or ``None``.
+        TypeError: ``dim`` is not an int or ``None``, or the tensor is not floating point
+            (or complex).
         IndexError: ``dim`` is out of range for the tensor.
 
     Example:
@@ -98,6 +101,8 @@ def weight_norm(module: M, name: str = "weight", dim: int | None = 0) -> M:
     weight = getattr(module, name, None)
     if isinstance(weight, Tensor):
         label = where(module, name)
+        if not (weight.is_floating_point() or weight.is_complex()):
+            raise bad_dtype("WeightNorm", weight.dtype, label)
         if weight.ndim == 0:
             raise bad_shape("weight_norm()", label, weight.shape, "at least one dimension")
         if dim is not None:

@@ -102,6 +102,8 @@ def power_iteration(
         >>> singular_value_estimate(W, u, v)
         tensor(3.)
     """
+    # Vectors kept as state may be stored in a lower precision than W is computed in.
+    u, v = u.to(W.dtype), v.to(W.dtype)
     for _ in range(n_power_iterations):
         u = F.normalize(_mv(W, v), dim=-1, eps=eps)
         v = F.normalize(_mv(W.mH, u), dim=-1, eps=eps)
@@ -123,6 +125,7 @@ def singular_value_estimate(W: Tensor, u: Tensor, v: Tensor) -> Tensor:
     Returns:
         Shape ``(*)``.
     """
+    u, v = u.to(W.dtype), v.to(W.dtype)
     if W.ndim == 2:
         return torch.vdot(u, torch.mv(W, v))
     return (u.conj() * _mv(W, v)).sum(-1)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from tether.functional._elementwise import softplus_inverse
 from tether.functional._orthogonal import orthonormalize
+from tether.functional._precision import precision_eps
 from tether.functional._spectral import rebuild, spectral
 
 __all__ = [
@@ -244,15 +245,16 @@ def fixed_rank_psd_factors(A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 #     symmetric part to at least
 #         floor = sqrt(eps) · max|λ|      (sqrt(eps) for the zero matrix),
 #     per matrix, with eps the dtype's machine epsilon: 3.5e-4 relative in float32, 1.5e-8 in
-#     float64, the membership tolerance of tether.constraints.default_atol. A member moves by
-#     less than that tolerance (relative to its largest eigenvalue), and a non-member lands
-#     that close to its projection onto the closed set (eigenvalues clamped at zero). Relative,
-#     so that the result does not depend on the units of the matrix.
+#     float64, the membership tolerance of tether.constraints.default_atol (for float16 or
+#     bfloat16 values computed on in float32, their own eps: Note [Low-precision tensors]).
+#     A member moves by less than that tolerance (relative to its largest eigenvalue), and a
+#     non-member lands that close to its projection onto the closed set (eigenvalues clamped
+#     at zero). Relative, so that the result does not depend on the units of the matrix.
 
 
 def _eigenvalue_floor(L: Tensor) -> Tensor:
     """The floor of Note [Eigenvalue floor] for eigenvalues of shape ``(*, n)``, as ``(*, 1)``."""
-    atol = math.sqrt(torch.finfo(L.dtype).eps)
+    atol = math.sqrt(precision_eps(L))  # the stored dtype's: Note [Low-precision tensors]
     scale = L.abs().amax(dim=-1, keepdim=True)
     return atol * torch.where(scale > 0, scale, torch.ones_like(scale))
 

@@ -99,6 +99,14 @@ def apply_method(
     """Apply ``method`` to what is still unpruned of ``module.<name>`` and store the mask."""
     value, mask = current(module, name)
     scores = value if importance_scores is None else checked_scores(importance_scores, value)
+    if scores.is_meta:
+        # NotImplementedError, as torch's own kernels raise for data-dependent ops on meta.
+        raise NotImplementedError(
+            f"Cannot prune {where(module, name)} with {type(method).__name__} on the meta "
+            "device: a tensor there holds no values, so no mask can be computed. Prune after "
+            "giving the module real memory (module.to_empty(device=...), then "
+            "reset_parameters())."
+        )
     with torch.no_grad():
         new = merge(method, scores, mask).to(dtype=value.dtype, device=value.device)
     found = find_mask(module, name)
