@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import pickle
 import threading
 from collections.abc import Callable
 
@@ -18,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tether
+from tests.copies import ROUNDTRIPS
 from tests.parametrizations import CountingSymmetric
 
 N = 4
@@ -501,24 +500,6 @@ def test_concurrent_calls_in_two_threads_each_cache_their_own_value():
 
 
 # --- copies -----------------------------------------------------------------------------------
-
-
-def pickle_roundtrip(model: nn.Module) -> nn.Module:
-    return pickle.loads(pickle.dumps(model))
-
-
-def torch_save_roundtrip(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-ROUNDTRIPS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "pickle": pickle_roundtrip,
-    "deepcopy": copy.deepcopy,
-    "torch.save": torch_save_roundtrip,
-}
 
 
 @pytest.mark.parametrize("roundtrip", list(ROUNDTRIPS))

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import io
-import pickle
 import weakref
 from collections.abc import Callable
 
@@ -18,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrizations as torch_parametrizations
 
 import tether
+from tests.copies import ROUNDTRIPS, pickle_roundtrip
 from tests.parametrizations import Double, Symmetric
 
 N = 4
@@ -167,24 +166,6 @@ def test_class_is_released_when_no_module_uses_it():
 
 
 # --- pickle, deepcopy, torch.save -----------------------------------------------------------
-
-
-def pickle_roundtrip(model: nn.Module) -> nn.Module:
-    return pickle.loads(pickle.dumps(model))
-
-
-def torch_save_roundtrip(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-ROUNDTRIPS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "pickle": pickle_roundtrip,
-    "deepcopy": copy.deepcopy,
-    "torch.save": torch_save_roundtrip,
-}
 
 
 @pytest.fixture(params=list(ROUNDTRIPS))

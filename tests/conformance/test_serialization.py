@@ -3,9 +3,6 @@ is independent of it, and still trains on the set (README, "What tether adds")."
 
 from __future__ import annotations
 
-import copy
-import io
-import pickle
 from collections.abc import Callable
 
 import pytest
@@ -24,25 +21,12 @@ from tests.conformance.support import (
     train_step,
 )
 from tests.conformance.table import Case, cases
+from tests.copies import ROUNDTRIPS, pickle_roundtrip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def pickled(model: nn.Module) -> nn.Module:
-    return pickle.loads(pickle.dumps(model))
-
-
-def saved(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "deepcopy": copy.deepcopy,
-    "torch.save": saved,
-}
+COPIES = {name: ROUNDTRIPS[name] for name in ("deepcopy", "torch.save")}
 
 
 def check_copy(case: Case, make_copy: Callable[[nn.Module], nn.Module]) -> None:
@@ -67,7 +51,7 @@ def check_copy(case: Case, make_copy: Callable[[nn.Module], nn.Module]) -> None:
 
 @pytest.mark.parametrize("case", cases(dtypes=None))
 def test_a_pickled_model_computes_the_same_is_independent_and_trains(case: Case):
-    check_copy(case, pickled)
+    check_copy(case, pickle_roundtrip)
 
 
 @pytest.mark.parametrize("method", COPIES)
