@@ -22,7 +22,8 @@ or under ``torchrun``, which starts the processes and sets ``RANK`` and ``WORLD_
 
     torchrun --standalone --nproc_per_node=2 examples/distributed.py --strategy fsdp
 
-Either takes a few seconds; ``--compile`` takes longer (compiling is slow on a CPU).
+Either takes a few seconds (``--quick`` trains 5 steps instead of 20); ``--compile`` takes
+longer (compiling is slow on a CPU).
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DDP model")
     parser.add_argument("--processes", type=int, default=2, help="when not run by torchrun")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 20)")
+    parser.add_argument("--quick", action="store_true", help="5 training steps (unless --steps)")
     args = parser.parse_args(argv)
+    args.steps = args.steps or (5 if args.quick else 20)
     if args.compile and args.strategy != "ddp":
         parser.error("--compile goes with --strategy ddp")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun

@@ -1,11 +1,13 @@
 """A tour of tether's mechanism, on the scenarios of PyTorch's parametrizations tutorial.
 
-Run it with ``make demo`` or ``python examples/tour.py``. Every step prints what it shows and
-checks it, so the tour doubles as a smoke test.
+Run it with ``python examples/tour.py``. Every step prints what it shows and checks it, so the
+tour doubles as a smoke test. It takes a second; it accepts ``--quick``, as every example does,
+and runs the same with it.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 
 import torch
@@ -75,7 +77,10 @@ def show(label: str, value: object) -> None:
     print(f"  {label:<48} {value}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the same tour: it is already quick")
+    parser.parse_args(argv)
     torch.manual_seed(0)
 
     section("1. A symmetric layer")
