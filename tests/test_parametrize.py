@@ -368,6 +368,38 @@ def test_appending_a_stateful_parametrization_matches_torch():
     assert_same(expected, actual)
 
 
+class OnlyOrthogonal(nn.Module):
+    """A Cayley map around a base point whose right_inverse accepts only orthogonal values."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("B", torch.eye(n))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(X.shape[-1], dtype=X.dtype)
+        return self.B @ torch.linalg.solve(eye + X, eye - X)
+
+    def right_inverse(self, Q: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype)
+        if not torch.allclose(Q.T @ Q, eye, atol=1e-4):
+            raise ValueError("The input is not orthogonal.")
+        self.B = Q
+        return torch.zeros_like(Q)
+
+
+def test_appending_a_parametrization_whose_right_inverse_refuses_the_value_matches_torch():
+    # torch never runs right_inverse when appending; tether does, and when it refuses the
+    # chain's (skew, not orthogonal) value, the parametrization keeps its own state, as in torch.
+    def scenario(parametrize):
+        layer = nn.Linear(4, 4)
+        parametrize.register_parametrization(layer, "weight", Skew())
+        parametrize.register_parametrization(layer, "weight", OnlyOrthogonal(4))
+        return snapshot(layer, parametrize)
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)
+
+
 APPENDED_CONSTRAINTS = {
     "orthogonal": tether.orthogonal,
     "orthogonal-cayley": functools.partial(tether.orthogonal, orthogonal_map="cayley"),

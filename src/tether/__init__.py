@@ -14,6 +14,7 @@ Example:
 
 from tether import constraints as constraints
 from tether import functional as functional
+from tether import parametrizations as parametrizations
 from tether import prune as prune
 from tether import testing as testing
 from tether._autocache import autocache as autocache
@@ -70,6 +71,7 @@ __all__ = [
     "is_parametrized",
     "low_rank",
     "orthogonal",
+    "parametrizations",
     "plain_state_dict",
     "poincare_ball",
     "positive",

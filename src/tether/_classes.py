@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,11 +31,16 @@ from torch import Tensor, nn
 
 from tether import _cache, _loading, _reset, _serving
 from tether._checks import parameter_assigned, where
-from tether._parametrization_list import plists_of
+from tether._parametrization_list import not_scriptable, plists_of
 
 __all__ = ["is_shared_class", "parametrized_class"]
 
 _lock = threading.Lock()
+
+# Lookups tried, in order, for an attribute that a parametrized module does not have: each
+# takes (module, name) and returns the value or raises AttributeError. The mechanism knows
+# nothing of them; tether.prune adds one that serves torch's ``<name>_mask`` and ``<name>_orig``.
+attribute_fallbacks: list[Callable[[nn.Module, str], Any]] = []
 _classes: weakref.WeakValueDictionary[tuple[type, frozenset[str]], type] = (
     weakref.WeakValueDictionary()
 )
@@ -70,7 +76,9 @@ def _make_class(base: type, names: frozenset[str]) -> type:
         register_parameter=_register_parameter,
         register_buffer=_register_buffer,
         __setattr__=_setattr,
+        __getattr__=_getattr,
         _load_from_state_dict=_load_from_state_dict,
+        __prepare_scriptable__=_prepare_scriptable,
     )
     if callable(getattr(base, "reset_parameters", None)):
         namespace["reset_parameters"] = _reset.reset_parameters
@@ -167,6 +175,19 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
     base.__setattr__(self, name, value)
 
 
+def _getattr(self: nn.Module, name: str) -> Any:
+    # Called only when normal lookup fails, so the fallbacks cost nothing on the usual path.
+    try:
+        return _base(self).__getattr__(self, name)
+    except AttributeError as missing:
+        for fallback in attribute_fallbacks:
+            try:
+                return fallback(self, name)
+            except AttributeError:
+                continue
+        raise missing
+
+
 def _resync_class(module: nn.Module) -> None:
     """After torch's ``remove_parametrizations`` dropped a tensor, use the class that fits.
 
@@ -191,6 +212,14 @@ def _register_buffer(
     _resync_class(self)
     base = _base(self)
     base.register_buffer(self, name, tensor, persistent)
+
+
+def _prepare_scriptable(self: nn.Module) -> nn.Module:
+    """Refuse ``torch.jit.script`` with the alternatives (Note [TorchScript])."""
+    name = next(iter(plists_of(self)), None)
+    if name is None:  # the shared class, after torch's remove_parametrizations emptied it
+        return self
+    raise not_scriptable(self, where(self, name))
 
 
 def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:

@@ -21,7 +21,7 @@ from tether._checks import (
     expect_tensors,
 )
 
-__all__ = ["ParametrizationList", "plists_of"]
+__all__ = ["ParametrizationList", "not_scriptable", "plists_of"]
 
 _Parameter = nn.Parameter
 
@@ -55,6 +55,29 @@ def _can_copy(dest: Tensor, src: Tensor) -> bool:
         and dest.device == src.device
         and not dest.is_meta
         and dest.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+    )
+
+
+def not_scriptable(module: nn.Module, label: str) -> RuntimeError:
+    """The error ``torch.jit.script`` raises on a module that holds tether parametrizations.
+
+    Note [TorchScript]
+        TorchScript compiles a module's properties as well as its ``forward``, and
+        PyTorch's parametrized tensor is a property that raises "Parametrization is not
+        working with scripting" when the scripted module runs: no parametrization runs in
+        TorchScript. tether refuses at ``torch.jit.script`` time instead (through
+        ``__prepare_scriptable__``, which TorchScript calls on every submodule before compiling
+        anything), naming what works: ``torch.export``, ``torch.compile``, ``torch.jit.trace``,
+        or scripting after ``remove_parametrizations`` has baked the values in.
+    """
+    return RuntimeError(
+        f"torch.jit.script cannot compile {type(module).__name__}: {label} is parametrized, and "
+        "TorchScript cannot run parametrizations (PyTorch's own parametrized modules script "
+        "but raise 'Parametrization is not working with scripting' when called). Use "
+        "torch.export.export(model, args) or torch.compile(model), which run them, or "
+        "torch.jit.trace(model, args); or bake the current values in with "
+        "tether.remove_parametrizations(module, name) on each parametrized tensor (or script "
+        "a copy after loading tether.plain_state_dict(model) into an unparametrized model)."
     )
 
 
@@ -327,6 +350,10 @@ class ParametrizationList(nn.ModuleList):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         _cache.invalidate(self)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Refuse ``torch.jit.script`` with the alternatives (Note [TorchScript])."""
+        raise not_scriptable(self, self.label)
 
 
 def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:

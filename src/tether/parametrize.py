@@ -23,9 +23,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -252,16 +251,33 @@ def _check_appended(
     with state of its own (an orthogonal base point, power-iteration vectors) starts from that
     value, exactly as it would when registered on a plain tensor holding it; only then does
     ``forward`` run. PyTorch calls ``forward`` first, which fails for such parametrizations.
-    The originals are not changed: the tensor becomes ``parametrization(current)``.
+    A ``right_inverse`` that refuses the current value leaves the parametrization as it was
+    (Note [A right_inverse that refuses the chain's value]). The originals are not changed:
+    the tensor becomes ``parametrization(current)``.
     """
     fix = "Keep shape and dtype in forward and right_inverse, or register with unsafe=True."
+    refusal: Exception | None = None
     with torch.no_grad():
         current = getattr(module, tensor_name)
         context = f"Cannot parametrize {label}"
         inverse = getattr(parametrization, "right_inverse", None)
         if inverse is not None:
-            with contextlib.suppress(NotImplementedError):
+            saved = _state_of(parametrization)
+            try:
                 restored = call_labelled(inverse, current, context, label)
+            except NotImplementedError:
+                restored = current
+            except Exception as error:
+                # Note [A right_inverse that refuses the chain's value]
+                #     PyTorch calls right_inverse when appending only on forward's output, so
+                #     a parametrization whose right_inverse accepts only members of its set
+                #     (and raises for the chain's current value) is valid there. For such a
+                #     parametrization tether does what PyTorch does: forward on the current
+                #     value, then right_inverse on the result (keeping what it stores); its
+                #     refusal is reported only if forward fails too.
+                _restore_state(saved)
+                refusal, restored = error, current
+            if refusal is None:
                 if isinstance(restored, (tuple, list)):
                     raise ValueError(
                         f"{context} with {type(parametrization).__name__}: its right_inverse "
@@ -280,8 +296,44 @@ def _check_appended(
                         f"{tensor_name!r}), register it, then register the others after it."
                     )
                 _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
-        value = call_labelled(parametrization, current, context, label)
+        try:
+            value = call_labelled(parametrization, current, context, label)
+        except Exception:
+            if refusal is not None:
+                raise refusal from None
+            raise
         _check_like(current, value, f"parametrization({label})", fix)
+        if refusal is not None and inverse is not None:
+            try:
+                restored = call_labelled(inverse, value, context, label)
+            except NotImplementedError:
+                return
+            except Exception:
+                _restore_state(saved)
+                raise
+            _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
+
+
+_State = list[tuple[dict[str, Any], str, Tensor, Tensor]]
+
+
+def _state_of(parametrization: nn.Module) -> _State:
+    """Each parameter and buffer of ``parametrization`` (and its submodules), with a copy."""
+    return [
+        (tensors, name, tensor, tensor.detach().clone())
+        for m in parametrization.modules()
+        for tensors in (m._parameters, m._buffers)
+        for name, tensor in tensors.items()
+        if tensor is not None
+    ]
+
+
+def _restore_state(saved: _State) -> None:
+    """Undo what a failed ``right_inverse`` wrote, in place or by rebinding a tensor."""
+    for tensors, name, tensor, copy in saved:
+        tensors[name] = tensor
+        if tensor.shape == copy.shape and tensor.dtype == copy.dtype:
+            tensor.copy_(copy)
 
 
 def _check_like(reference: Tensor, value: object, what: str, fix: str) -> None:
