@@ -77,6 +77,7 @@ def _make_class(base: type, names: frozenset[str]) -> type:
         register_buffer=_register_buffer,
         __setattr__=_setattr,
         __getattr__=_getattr,
+        _tether_base_getattr=getattr(base, "__getattr__"),  # noqa: B009  # typed as absent on type
         _load_from_state_dict=_load_from_state_dict,
         __prepare_scriptable__=_prepare_scriptable,
     )
@@ -176,9 +177,10 @@ def _setattr(self: nn.Module, name: str, value: Any) -> None:
 
 
 def _getattr(self: nn.Module, name: str) -> Any:
-    # Called only when normal lookup fails, so the fallbacks cost nothing on the usual path.
+    # Called when normal lookup fails, as for every parameter, buffer and submodule, which the
+    # base class's __getattr__ (nn.Module's) finds; the fallbacks run only after that failed.
     try:
-        return _base(self).__getattr__(self, name)
+        return type(self)._tether_base_getattr(self, name)  # type: ignore[attr-defined]  # set in _make_class
     except AttributeError as missing:
         for fallback in attribute_fallbacks:
             try:

@@ -26,6 +26,7 @@ NOT_HELPERS = {
     "constraints",
     "functional",
     "is_parametrized",
+    "parametrizations",  # PyTorch's spellings of orthogonal, weight_norm, spectral_norm
     "plain_state_dict",
     "prune",
     "register_parametrization",

@@ -17,7 +17,7 @@ from torch import nn
 
 import tether
 from tether import prune
-from tether.prune._methods import merge
+from tether.prune._base import merge
 
 # --- helpers -----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import torch.nn.utils.prune as torch_prune
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tether.prune._base import merge
 from tether.prune._methods import (
     CustomFromMask,
     Identity,
@@ -16,7 +17,6 @@ from tether.prune._methods import (
     RandomStructured,
     RandomUnstructured,
     check_amount,
-    merge,
 )
 
 DTYPES = [torch.float32, torch.float64]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import abc
 import functools
 import math
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from tether.functional._precision import (
 )
 from tether.parametrize import register_parametrization
 
-__all__ = ["Constraint", "default_atol", "register_constraint"]
+__all__ = ["Constraint", "Draw", "default_atol", "register_constraint"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -37,19 +38,30 @@ def default_atol(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
-def gaussian_matrix(
-    shape: torch.Size,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-    generator: torch.Generator | None,
-) -> Tensor:
+class Draw(NamedTuple):
+    """Where a sample is drawn: what :meth:`Constraint._draw` receives besides the shape.
+
+    ``dtype`` is the dtype computed in (``float32`` for a ``bfloat16`` sample: Note
+    [Low-precision tensors]); ``kwargs`` passes all three to ``torch.randn`` and its kin.
+    """
+
+    dtype: torch.dtype
+    device: torch.device | str | None
+    generator: torch.Generator | None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "device": self.device, "generator": self.generator}
+
+
+def gaussian_matrix(shape: torch.Size, draw: Draw) -> Tensor:
     """Matrices of shape ``(*, n, k)`` with i.i.d. ``N(0, 1/k)`` entries.
 
     The scaling keeps the singular values of order 1 whatever the size (for square matrices,
     the Ginibre ensemble, whose eigenvalues fill the unit disk): a neutral starting point for
     samples that are then moved onto a set.
     """
-    G = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+    G = torch.randn(shape, **draw.kwargs)
     return G / math.sqrt(shape[-1])
 
 
@@ -69,23 +81,31 @@ class Constraint(nn.Module, abc.ABC):
     protocol it offers :meth:`sample` (draw a member), :meth:`distance` (how far a tensor is
     from the set) and :meth:`in_manifold` (membership within a tolerance).
 
-    Subclasses implement ``forward``, ``right_inverse``, ``sample`` and ``distance``, and
-    override :meth:`check_shape` when the math rules out some shapes. Set
+    Subclasses implement ``forward``, ``right_inverse``, ``_draw`` (what :meth:`sample`
+    calls) and ``distance``, and override :meth:`check_shape` when the math rules out some
+    shapes. Set
     ``supports_complex = False`` (on the class or the instance) for a set of real tensors
     only: complex tensors are then refused with a ``ValueError``, as integer and boolean ones
     always are with a ``TypeError`` (:meth:`check_dtype`).
 
-    The four methods run in the compute dtype (Note [Low-precision tensors] in
+    These methods run in the compute dtype (Note [Low-precision tensors] in
     ``tether.functional._precision``): a ``float16`` or ``bfloat16`` tensor is computed on in
     ``float32`` (``complex32`` in ``complex64``) and the results are rounded back to its dtype,
     gradients included, as autocast does for linear algebra; autocast itself is disabled
-    inside them. Subclasses get this without writing anything: defining one of the four
-    methods wraps it. State that ``right_inverse`` leaves in buffers is stored in the tensor's
-    dtype, like ``module.to()`` would; ``forward`` casts such a buffer to the dtype of its
+    inside them. Subclasses get this without writing anything: ``forward``, ``right_inverse``
+    and ``distance`` are wrapped where defined, and :meth:`sample` calls ``_draw`` in the
+    compute dtype. (A subclass written for the older protocol, defining ``sample(shape, *,
+    dtype, device, generator)`` itself and no ``_draw``, has its ``sample`` wrapped instead.)
+    State that ``right_inverse`` leaves in buffers is stored in the tensor's dtype, like
+    ``module.to()`` would; ``forward`` casts such a buffer to the dtype of its
     input before use.
     """
 
     supports_complex: bool = True
+    # (shape, dtype, device) of the tensor the constraint was registered on: what sample()
+    # draws without arguments. Set by register_constraint and right_inverse; kept up to date
+    # by module.to() through _apply.
+    _target: tuple[torch.Size, torch.dtype, torch.device] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -93,6 +113,10 @@ class Constraint(nn.Module, abc.ABC):
             method = cls.__dict__.get(name)
             if method is not None:
                 setattr(cls, name, wrap(method))
+        legacy_sample = cls.__dict__.get("sample")
+        if legacy_sample is not None and cls._draw is Constraint._draw:
+            # A subclass of the older protocol: see the class docstring.
+            cls.sample = _sample_in_compute_dtype(legacy_sample)  # type: ignore[method-assign]
 
     @abc.abstractmethod
     def forward(self, X: Tensor) -> Tensor:
@@ -102,16 +126,94 @@ class Constraint(nn.Module, abc.ABC):
     def right_inverse(self, X: Tensor) -> Tensor:
         """Return ``Y`` with ``forward(Y) == X`` for a member ``X`` (projecting a non-member)."""
 
-    @abc.abstractmethod
     def sample(
         self,
-        shape: Sequence[int],
+        shape: Sequence[int] | None = None,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Draw a member of the set of the given shape."""
+        """Draw a member of the set.
+
+        Without ``shape`` on a registered constraint, a member like the tensor it constrains:
+        its shape, dtype and device (as geotorch's ``sample()``), ready to assign with
+        ``module.weight = constraint.sample()``. ``dtype`` and ``device`` default to that
+        tensor's too, or to torch's defaults for a constraint never registered.
+
+        Args:
+            shape: the shape of the sample, e.g. ``(*, n, k)`` for matrices.
+            dtype: its dtype; ``float16`` and ``bfloat16`` are drawn in ``float32`` and
+                rounded (Note [Low-precision tensors]).
+            device: its device.
+            generator: the random number generator to draw with.
+
+        Raises:
+            TypeError: no ``shape`` on a constraint that was never registered.
+            ValueError: the set has no member of this shape or dtype.
+
+        Example:
+            >>> import torch, tether
+            >>> layer = tether.orthogonal(torch.nn.Linear(4, 4).double())
+            >>> Q = layer.parametrizations.weight[0].sample()
+            >>> Q.shape, Q.dtype
+            (torch.Size([4, 4]), torch.float64)
+            >>> layer.weight = Q
+        """
+        return self._sample(shape, dtype, device, generator)
+
+    def _sample(
+        self,
+        shape: Sequence[int] | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+        generator: torch.Generator | None,
+        **options: Any,
+    ) -> Tensor:
+        """:meth:`sample`, with ``options`` passed on to ``_draw`` (``distribution=``...)."""
+        if self._target is not None:
+            target_shape, target_dtype, target_device = self._target
+            shape = target_shape if shape is None else shape
+            dtype = target_dtype if dtype is None else dtype
+            device = target_device if device is None else device
+        if shape is None:
+            raise TypeError(
+                f"{type(self).__name__}.sample() needs a shape: this constraint was never "
+                "registered on a tensor, so there is no shape to draw for. Pass one, e.g. "
+                "sample((4, 4)), or register the constraint first."
+            )
+        stored = torch.get_default_dtype() if dtype is None else dtype
+        self.check_dtype(stored)
+        device_type = torch.device(device or torch.get_default_device()).type
+        if autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self._sample(shape, stored, device, generator, **options)
+        computed = compute_dtype(stored)
+        draw = Draw(computed, device, generator)
+        if computed == stored:
+            return self._draw(torch.Size(shape), draw, **options)
+        with stored_as(stored):
+            X = self._draw(torch.Size(shape), draw, **options)
+        return typing.cast(Tensor, to_storage(X, stored))
+
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
+        """A member of the set of shape ``shape``, drawn in ``draw.dtype`` (compute dtype)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define _draw(shape, draw): it cannot sample."
+        )
+
+    def _record_target(self, X: Tensor) -> None:
+        """Remember ``X``'s shape, dtype and device: what :meth:`sample` draws by default."""
+        self._target = (X.shape, X.dtype, X.device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Constraint:
+        # module.to(), .double(), .cuda()... move the recorded dtype and device along.
+        result = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # unannotated in torch
+        if self._target is not None:
+            shape, dtype, device = self._target
+            moved = fn(torch.empty(0, dtype=dtype, device=device))
+            self._target = (shape, moved.dtype, moved.device)
+        return result
 
     @abc.abstractmethod
     def distance(self, X: Tensor) -> Tensor:
@@ -180,6 +282,8 @@ def _tensor_in_compute_dtype(method: Method, *, keeps_state: bool) -> Method:
         if not isinstance(X, Tensor):  # let the method say what it thinks of it
             return method(self, X, *args, **kwargs)
         self.check_dtype(X.dtype)
+        if keeps_state:
+            self._record_target(X)
         if autocast_enabled(X):
             with torch.autocast(X.device.type, enabled=False):
                 return wrapper(self, X, *args, **kwargs)
@@ -197,6 +301,8 @@ def _tensor_in_compute_dtype(method: Method, *, keeps_state: bool) -> Method:
 
 
 def _sample_in_compute_dtype(sample: Method) -> Method:
+    """A ``sample(shape, *, dtype, ...)`` of the older protocol, run in the compute dtype."""
+
     @functools.wraps(sample)
     def wrapper(
         self: Constraint,
@@ -226,14 +332,20 @@ _IN_COMPUTE_DTYPE: dict[str, Callable[[Method], Method]] = {
     "forward": _forward_in_compute_dtype,
     "right_inverse": functools.partial(_tensor_in_compute_dtype, keeps_state=True),
     "distance": functools.partial(_tensor_in_compute_dtype, keeps_state=False),
-    "sample": _sample_in_compute_dtype,
 }
 
 
 def register_constraint(module: M, name: str, constraint: Constraint) -> M:
-    """Check that ``module.<name>`` has a dtype and shape the constraint takes, then register it."""
+    """Check that ``module.<name>`` has a dtype and shape the constraint takes, then register it.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain (a parameter or buffer of ``module``).
+        constraint: the constraint to register (first in the chain if it is the first).
+    """
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
         constraint.check_dtype(tensor.dtype, where(module, name))
         constraint.check_shape(tensor.shape, where(module, name))
+        constraint._record_target(tensor)
     return register_parametrization(module, name, constraint)

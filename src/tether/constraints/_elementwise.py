@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tether._checks import check_slices, choice, int_dim, real_number
-from tether.constraints._base import Constraint, default_atol, register_constraint
+from tether.constraints._base import Constraint, Draw, default_atol, register_constraint
 from tether.functional._elementwise import project_simplex, softplus_inverse
 
 __all__ = ["Bounded", "Positive", "Simplex", "bounded", "positive", "simplex"]
@@ -66,16 +66,9 @@ class Positive(Constraint):
     def right_inverse(self, X: Tensor) -> Tensor:
         return self._inverse(torch.where(X > 0, X, default_atol(X.dtype)))
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         self.check_shape(torch.Size(shape), "the sample")
-        return self._map(torch.randn(shape, dtype=dtype, device=device, generator=generator))
+        return self._map(torch.randn(shape, **draw.kwargs))
 
     def distance(self, X: Tensor) -> Tensor:
         return (-X).clamp_min(0).amax()
@@ -135,16 +128,9 @@ class Bounded(Constraint):
         t = torch.where((t > 0) & (t < 1), t, t.clamp(margin, 1 - margin))
         return torch.logit(t)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         self.check_shape(torch.Size(shape), "the sample")
-        U = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+        U = torch.rand(shape, **draw.kwargs)
         return self.low + (self.high - self.low) * U
 
     def distance(self, X: Tensor) -> Tensor:
@@ -197,16 +183,10 @@ class Simplex(Constraint):
         P = project_simplex(X, self.dim)
         return P.clamp_min(torch.finfo(X.dtype).eps).log()
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         self.check_shape(torch.Size(shape), "the sample")
-        E = torch.empty(shape, dtype=dtype, device=device).exponential_(generator=generator)
+        E = torch.empty(shape, dtype=draw.dtype, device=draw.device)
+        E.exponential_(generator=draw.generator)
         return E / E.sum(dim=self.dim, keepdim=True)
 
     def distance(self, X: Tensor) -> Tensor:
@@ -223,6 +203,11 @@ class Simplex(Constraint):
 def positive(module: M, name: str = "weight", *, map: Literal["softplus", "exp"] = "softplus") -> M:
     """Constrain ``module.<name>`` to positive entries (see :class:`Positive`).
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain (a parameter or buffer of ``module``).
+        map: ``"softplus"`` (default) or ``"exp"``, applied entrywise.
+
     Example:
         >>> import torch, tether
         >>> norm = tether.positive(torch.nn.LayerNorm(4), map="exp")
@@ -233,12 +218,24 @@ def positive(module: M, name: str = "weight", *, map: Literal["softplus", "exp"]
 
 
 def bounded(module: M, name: str = "weight", *, low: float, high: float) -> M:
-    """Constrain the entries of ``module.<name>`` to ``[low, high]`` (see :class:`Bounded`)."""
+    """Constrain the entries of ``module.<name>`` to ``[low, high]`` (see :class:`Bounded`).
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain (a parameter or buffer of ``module``).
+        low: the lower bound, a real number below ``high``.
+        high: the upper bound.
+    """
     return register_constraint(module, name, Bounded(low, high))
 
 
 def simplex(module: M, name: str = "weight", dim: int = -1) -> M:
     """Make each slice of ``module.<name>`` along ``dim`` sum to 1, entries >= 0 (:class:`Simplex`).
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain (a parameter or buffer of ``module``).
+        dim: the dimension along which each slice sums to 1.
 
     Example:
         >>> import torch, tether

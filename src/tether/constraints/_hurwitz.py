@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from tether._checks import check_square
 from tether.constraints._base import (
     Constraint,
+    Draw,
     default_atol,
     gaussian_matrix,
     register_constraint,
@@ -139,18 +139,11 @@ class Hurwitz(Constraint):
         """The spectral abscissa ``max Re λ`` of each matrix."""
         return torch.linalg.eigvals(A).real.amax(dim=-1)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Ginibre matrix (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa -1."""
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
-        G = gaussian_matrix(shape, dtype, device, generator)
+        G = gaussian_matrix(shape, draw)
         if G.numel() == 0:
             return G
         shift = (self._abscissa(G) + 1).to(G.dtype)[..., None, None]
@@ -170,6 +163,10 @@ def hurwitz(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to stable (Hurwitz) matrices (:class:`Hurwitz`).
 
     A tensor that is not Hurwitz is shifted into the set first (see :class:`Hurwitz`).
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
 
     Returns:
         ``module``.

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._checks import bad_type, bad_value, check_square
-from tether.constraints._base import Constraint, gaussian_matrix, register_constraint, worst
+from tether.constraints._base import Constraint, Draw, gaussian_matrix, register_constraint, worst
 from tether.constraints._low_rank import _Factored, has_numerical_rank
 from tether.functional import (
     factored,
@@ -30,6 +30,25 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=nn.Module)
+Scalar = Callable[[Tensor], Tensor]
+
+
+def _scaled_sigmoid(t: Tensor) -> Tensor:
+    """``2 sigmoid(t) - 1``, onto ``(-1, 1)``: ``tanh(t / 2)``."""
+    return torch.tanh(t / 2)
+
+
+def _scaled_sigmoid_inverse(y: Tensor) -> Tensor:
+    return 2 * torch.atanh(y)
+
+
+# geotorch's maps onto [-1, 1] for almost_orthogonal, with their inverses and whether they
+# reach the ends (sin does; tanh and the scaled sigmoid only in the limit).
+_ALMOST_ORTHOGONAL_MAPS: dict[str, tuple[Scalar, Scalar, bool]] = {
+    "sin": (torch.sin, torch.asin, True),
+    "tanh": (torch.tanh, torch.atanh, False),
+    "scaled_sigmoid": (_scaled_sigmoid, _scaled_sigmoid_inverse, False),
+}
 
 # Note [GL+(n) by QR]
 #     Every X with det X > 0 is Q R in exactly one way with Q in SO(n) and R upper triangular
@@ -134,18 +153,11 @@ class Invertible(Constraint):
             f"{type(self).__name__}().sample(shape), or add a small multiple of the identity."
         )
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """I.i.d. ``N(0, 1/n)`` entries, conditioned on ``det > 0`` (first row negated)."""
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
-        G = gaussian_matrix(shape, dtype, device, generator)
+        G = gaussian_matrix(shape, draw)
         sign = torch.where(torch.linalg.det(G) < 0, -1.0, 1.0).to(G.dtype)
         G[..., 0, :] *= sign.unsqueeze(-1)
         return G
@@ -200,16 +212,9 @@ class SpecialLinear(Invertible):
         self._triangular = _centred_triangular
         self._triangular_inverse = _centred_triangular_inverse
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """:meth:`Invertible.sample` scaled to determinant 1."""
-        G = super().sample(shape, dtype=dtype, device=device, generator=generator)
+        G = super()._draw(shape, draw)
         logdet = torch.linalg.slogdet(G).logabsdet
         return G * torch.exp(-logdet / G.shape[-1])[..., None, None]
 
@@ -229,8 +234,10 @@ class AlmostOrthogonal(_Factored):
     most ``(1 + lam) / (1 - lam)`` and the norm at most ``1 + lam``: gradients neither
     explode nor vanish through the layer, with more freedom than :func:`tether.orthogonal`
     (``lam -> 0``). Use it for recurrent kernels and deep linear stacks. The singular values
-    are ``1 + lam sin(s)``, as in geotorch's default: ``sin`` reaches the ends of the
-    interval, so every member is set exactly (``tanh`` would miss them).
+    are ``1 + lam f(s)``; ``f`` is ``sin`` by default, as in geotorch: ``sin`` reaches the
+    ends of the interval, so every member is set exactly. With ``"tanh"`` or
+    ``"scaled_sigmoid"`` (``2 sigmoid(s) - 1``), geotorch's other choices, the ends are
+    reached only in the limit: a singular value at an end is set to within rounding.
 
     Registration keeps a member as it is and replaces any other matrix by the nearest member
     (its SVD with the singular values clamped to the interval). The ``state_dict`` is
@@ -241,11 +248,15 @@ class AlmostOrthogonal(_Factored):
 
     Args:
         lam: the radius of the interval, ``0 < lam <= 1``.
+        f: the map onto ``[-1, 1]``: ``"sin"``, ``"tanh"``, ``"scaled_sigmoid"``, or a pair
+            of callables ``(f, f_inverse)`` acting elementwise (keep them module-level
+            functions for the model to pickle). A single callable, which geotorch accepts, is
+            refused: registration sets the weight through the inverse.
 
     Raises:
         TypeError: ``lam`` is not a real number.
-        ValueError: ``lam`` is outside ``(0, 1]``; or, at registration, the tensor is not a
-            matrix.
+        ValueError: ``lam`` is outside ``(0, 1]`` or ``f`` is none of the above; or, at
+            registration, the tensor is not a matrix.
 
     References:
         Orthogonal Recurrent Neural Networks and Batch Normalization in Deep Neural Networks.
@@ -262,47 +273,49 @@ class AlmostOrthogonal(_Factored):
 
     _owner = "almost_orthogonal()"
 
-    def __init__(self, lam: float = 0.1) -> None:
+    def __init__(self, lam: float = 0.1, f: str | tuple[Scalar, Scalar] = "sin") -> None:
         super().__init__()
         self.lam = _radius(lam, self._owner)
+        self.f = f
+        self._f, self._f_inverse, self._closed = _almost_orthogonal_map(f, self._owner)
 
     def _rank(self, shape: Sequence[int]) -> int:
         return min(shape[-2:])
 
     def _values(self, s: Tensor) -> Tensor:
-        return 1 + self.lam * torch.sin(s)
+        return 1 + self.lam * self._f(s)
 
     def _originals(self, sigma: Tensor) -> Tensor:
-        return torch.asin(((sigma - 1) / self.lam).clamp(-1, 1))
+        # An open image: the ends stand for the nearest points inside, so the original is finite.
+        end = 1.0 if self._closed else 1.0 - torch.finfo(sigma.dtype).eps
+        return self._f_inverse(((sigma - 1) / self.lam).clamp(-end, end))
 
     def _excess(self, sigma: Tensor) -> Tensor:
         return ((sigma - 1).abs() - self.lam).clamp_min(0)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """Haar-distributed singular vectors, singular values i.i.d. uniform on the interval."""
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
         *batch, n, k = shape
         r = min(n, k)
-        U = torch.randn(*batch, n, r, dtype=dtype, device=device, generator=generator)
-        V = torch.randn(*batch, k, r, dtype=dtype, device=device, generator=generator)
+        U = torch.randn(*batch, n, r, **draw.kwargs)
+        V = torch.randn(*batch, k, r, **draw.kwargs)
         # Real singular values, for complex matrices too.
-        t = torch.rand(*batch, r, dtype=U.real.dtype, device=device, generator=generator)
+        t = torch.rand(*batch, r, dtype=U.real.dtype, device=draw.device, generator=draw.generator)
         return factored(orthonormalize(U), 1 + self.lam * (2 * t - 1), orthonormalize(V))
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam}"
+        f = self.f if isinstance(self.f, str) else "(custom)"
+        return f"lam={self.lam}, f={f!r}"
 
 
 def invertible(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to invertible matrices with ``det > 0`` (:class:`Invertible`).
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
 
     Returns:
         ``module``.
@@ -322,6 +335,10 @@ def invertible(module: M, name: str = "weight") -> M:
 def special_linear(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to determinant 1 (:class:`SpecialLinear`).
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+
     Returns:
         ``module``.
 
@@ -331,19 +348,58 @@ def special_linear(module: M, name: str = "weight") -> M:
     return register_constraint(module, name, SpecialLinear())
 
 
-def almost_orthogonal(module: M, name: str = "weight", *, lam: float = 0.1) -> M:
+def almost_orthogonal(
+    module: M,
+    name: str = "weight",
+    lam: float = 0.1,
+    f: str | tuple[Scalar, Scalar] = "sin",
+) -> M:
     """Constrain the singular values of ``module.<name>`` to ``[1 - lam, 1 + lam]``.
 
-    See :class:`AlmostOrthogonal`.
+    See :class:`AlmostOrthogonal`. The arguments follow geotorch's order
+    (``almost_orthogonal(module, "weight", 0.5, "tanh")``).
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a matrix or batch of matrices.
+        lam: the radius of the interval, ``0 < lam <= 1``.
+        f: the map onto ``[-1, 1]``: ``"sin"`` (default), ``"tanh"``, ``"scaled_sigmoid"``,
+            or a pair of callables ``(f, f_inverse)``.
 
     Returns:
         ``module``.
 
     Raises:
         TypeError: ``lam`` is not a real number.
-        ValueError: ``lam`` is outside ``(0, 1]``, or the tensor is not a matrix.
+        ValueError: ``lam`` is outside ``(0, 1]``, ``f`` is not one of the choices above, or
+            the tensor is not a matrix.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.almost_orthogonal(torch.nn.Linear(4, 4), "weight", 0.5, "tanh")
+        >>> bool(torch.linalg.svdvals(layer.weight).max() <= 1.5 + 1e-6)
+        True
     """
-    return register_constraint(module, name, AlmostOrthogonal(lam))
+    return register_constraint(module, name, AlmostOrthogonal(lam, f))
+
+
+def _almost_orthogonal_map(f: object, owner: str) -> tuple[Scalar, Scalar, bool]:
+    """``f``, its inverse, and whether its image is all of ``[-1, 1]``."""
+    if isinstance(f, str) and f in _ALMOST_ORTHOGONAL_MAPS:
+        return _ALMOST_ORTHOGONAL_MAPS[f]
+    if isinstance(f, tuple) and len(f) == 2 and all(callable(g) for g in f):
+        return f[0], f[1], False
+    choices = ", ".join(repr(name) for name in _ALMOST_ORTHOGONAL_MAPS)
+    hint = (
+        " A single callable needs its inverse too: pass (f, f_inverse), as registration sets "
+        "the weight through it."
+        if callable(f)
+        else ""
+    )
+    raise ValueError(
+        f"{owner}: `f` must be one of {choices} or a pair of callables (f, f_inverse) mapping "
+        f"onto [-1, 1]; got {f!r}.{hint}"
+    )
 
 
 def _radius(lam: object, owner: str) -> float:

@@ -12,11 +12,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from tether._checks import bad_shape, bad_type, bad_value
-from tether.constraints._base import Constraint, gaussian_matrix, register_constraint
+from tether.constraints._base import Constraint, Draw, gaussian_matrix, register_constraint
 from tether.functional import factored, orthonormalize, softplus_inverse, truncated_svd
 from tether.functional._precision import upcast
 
 __all__ = ["FixedRank", "LowRank", "fixed_rank", "low_rank"]
+
+# geotorch's names for the map onto the singular values that tether offers too.
+_FIXED_RANK_MAPS = ("softplus",)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -139,18 +142,11 @@ class LowRank(_Factored):
     def _excess(self, sigma: Tensor) -> Tensor:
         return sigma[..., self.rank :]
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """The best rank ``r`` approximation of a matrix with i.i.d. ``N(0, 1/k)`` entries."""
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
-        G = gaussian_matrix(shape, dtype, device, generator)
+        G = gaussian_matrix(shape, draw)
         with torch.no_grad():
             return self(*self.right_inverse(G))
 
@@ -185,12 +181,14 @@ class FixedRank(LowRank):
 
     Args:
         rank: ``r``, a positive int; at registration it must not exceed ``min(n, k)``.
+        f: the map onto the singular values, as geotorch's ``f``: only ``"softplus"``
+            (``eps + softplus``, geotorch's default) is offered.
         eps: the floor of the singular values, positive (default ``1e-6``, as geotorch).
 
     Raises:
         TypeError: ``rank`` is not an int, or ``eps`` not a real number.
-        ValueError: ``rank < 1`` or ``eps <= 0``; or, at registration, the tensor is not a
-            matrix or ``rank > min(n, k)``.
+        ValueError: ``rank < 1``, ``eps <= 0`` or ``f`` is not ``"softplus"``; or, at
+            registration, the tensor is not a matrix or ``rank > min(n, k)``.
 
     Example:
         >>> import torch, tether
@@ -203,8 +201,15 @@ class FixedRank(LowRank):
 
     _owner = "fixed_rank()"
 
-    def __init__(self, rank: int, *, eps: float = 1e-6) -> None:
+    def __init__(self, rank: int, f: str = "softplus", *, eps: float = 1e-6) -> None:
         super().__init__(rank)
+        if not (isinstance(f, str) and f in _FIXED_RANK_MAPS):
+            raise ValueError(
+                f"{self._owner}: `f` must be 'softplus' (eps + softplus on the singular "
+                f"values, geotorch's default); got {f!r}. tether offers no other map: other "
+                "maps onto (0, inf), callables included, are not supported."
+            )
+        self.f = f
         self.eps = _positive_float(eps, "eps", self._owner)
 
     def _values(self, s: Tensor) -> Tensor:
@@ -227,14 +232,22 @@ class FixedRank(LowRank):
         return f"rank={self.rank}, eps={self.eps}"
 
 
-def low_rank(module: M, name: str = "weight", *, rank: int) -> M:
+def low_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
     """Constrain ``module.<name>`` to rank at most ``rank``, in factored form (:class:`LowRank`).
+
+    ``rank`` is required; it may be passed by position, as geotorch's
+    ``low_rank(module, "weight", 2)``.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a matrix or batch of matrices ``(*, n, k)``.
+        rank: the largest rank allowed, ``1 <= rank <= min(n, k)``.
 
     Returns:
         ``module``.
 
     Raises:
-        TypeError: ``rank`` is not an int.
+        TypeError: ``rank`` is missing or not an int.
         ValueError: ``rank < 1``, the tensor is not a matrix (or batch of matrices), or
             ``rank`` exceeds ``min(n, k)``.
 
@@ -244,19 +257,37 @@ def low_rank(module: M, name: str = "weight", *, rank: int) -> M:
         >>> int(torch.linalg.matrix_rank(layer.weight))
         1
     """
-    return register_constraint(module, name, LowRank(rank))
+    return register_constraint(module, name, LowRank(_required_rank(rank, "low_rank")))
 
 
-def fixed_rank(module: M, name: str = "weight", *, rank: int, eps: float = 1e-6) -> M:
+def fixed_rank(
+    module: M,
+    name: str = "weight",
+    rank: int | None = None,
+    f: str = "softplus",
+    *,
+    eps: float = 1e-6,
+) -> M:
     """Constrain ``module.<name>`` to rank exactly ``rank`` (:class:`FixedRank`).
+
+    ``rank`` is required; it and ``f`` may be passed by position, as geotorch's
+    ``fixed_rank(module, "weight", 2)``.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a matrix or batch of matrices ``(*, n, k)``.
+        rank: the rank, ``1 <= rank <= min(n, k)``.
+        f: the map onto the singular values: ``"softplus"`` (``eps + softplus``), the only
+            one offered (geotorch's default).
+        eps: the floor of the singular values, positive.
 
     Returns:
         ``module``.
 
     Raises:
-        TypeError: ``rank`` is not an int or ``eps`` not a real number.
-        ValueError: ``rank < 1``, ``eps <= 0``, the tensor is not a matrix (or batch of
-            matrices), or ``rank`` exceeds ``min(n, k)``.
+        TypeError: ``rank`` is missing or not an int, or ``eps`` not a real number.
+        ValueError: ``rank < 1``, ``eps <= 0``, ``f`` is not ``"softplus"``, the tensor is
+            not a matrix (or batch of matrices), or ``rank`` exceeds ``min(n, k)``.
 
     Example:
         >>> import torch, tether
@@ -264,7 +295,9 @@ def fixed_rank(module: M, name: str = "weight", *, rank: int, eps: float = 1e-6)
         >>> int(torch.linalg.matrix_rank(layer.weight))
         4
     """
-    return register_constraint(module, name, FixedRank(rank, eps=eps))
+    return register_constraint(
+        module, name, FixedRank(_required_rank(rank, "fixed_rank"), f, eps=eps)
+    )
 
 
 def has_numerical_rank(X: Tensor, rank: int) -> bool:
@@ -279,6 +312,16 @@ def has_numerical_rank(X: Tensor, rank: int) -> bool:
     sigma = torch.linalg.svdvals(upcast(X))
     threshold = max(X.shape[-2:]) * torch.finfo(X.dtype).eps * sigma[..., :1]
     return bool((sigma[..., rank - 1 : rank] > threshold).all())
+
+
+def _required_rank(rank: int | None, function: str) -> int:
+    # rank comes after name, which has a default: None stands for "not given".
+    if rank is None:
+        raise TypeError(
+            f"{function}() missing required argument 'rank': pass it, e.g. "
+            f"{function}(module, rank=2) or {function}(module, 'weight', 2)."
+        )
+    return rank
 
 
 def _rank_argument(rank: object, owner: str) -> int:

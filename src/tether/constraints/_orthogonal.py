@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from tether import _cache
 from tether._checks import bad_shape, where
 from tether._parametrization_list import plists_of
-from tether.constraints._base import Constraint, default_atol, register_constraint, worst
+from tether.constraints._base import Constraint, Draw, default_atol, register_constraint, worst
 from tether.constraints._rebase import averaged_module, original_against
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
 from tether.functional._precision import compute_dtype, precision_eps
@@ -30,6 +31,8 @@ __all__ = [
 M = TypeVar("M", bound=nn.Module)
 OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
 _MAPS = ("matrix_exp", "cayley", "householder")
+Distribution = Literal["uniform", "torus"]
+_DISTRIBUTIONS = ("uniform", "torus")
 
 # Note [Trivialization with a base point]
 #     A map from a vector space onto the orthogonal group (the exponential, the Cayley map)
@@ -208,20 +211,105 @@ class Orthogonal(Constraint):
 
     def sample(
         self,
-        shape: Sequence[int],
+        shape: Sequence[int] | Distribution | None = None,
         *,
+        distribution: Distribution | None = None,
+        init_: Callable[[Tensor], object] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """A matrix drawn from the Haar (uniform) measure: QR of a Gaussian, signs fixed."""
-        shape = torch.Size(shape)
+        """Draw a member: Haar-distributed (``"uniform"``) or near a torus (``"torus"``).
+
+        As :meth:`Constraint.sample`, with geotorch's two distributions, also accepted in
+        place of the shape (``sample("torus")``, geotorch's spelling):
+
+        - ``"uniform"`` (the default): the Haar measure, the QR decomposition of a Gaussian
+          matrix with the signs of ``R``'s diagonal fixed.
+        - ``"torus"``: ``map(S)`` for a block-diagonal skew matrix ``S`` with blocks
+          ``[[0, -θ], [θ, 0]]``, ``θ`` drawn by ``init_`` (default uniform on ``(-π, π)``)
+          and ``map`` the constraint's (the exponential for ``"householder"``): for the
+          exponential, a block-diagonal rotation whose eigenvalues ``exp(±iθ)`` spread around
+          the unit circle. Tall or wide shapes take the first columns (rows) of the square
+          one. The initialisation of orthogonal recurrent kernels (Henaff et al., 2016).
+
+        Args:
+            shape: the shape, or a distribution (then the shape is the registered one).
+            distribution: ``"uniform"`` or ``"torus"``.
+            init_: fills a tensor of angles ``θ`` in place (a ``torch.nn.init`` function);
+                only with ``"torus"``.
+            dtype: the dtype of the sample.
+            device: its device.
+            generator: the random number generator (the default ``init_`` uses it).
+
+        Raises:
+            ValueError: an unknown distribution, or ``init_`` without ``"torus"``.
+            TypeError: no shape, and the constraint was never registered.
+
+        References:
+            Recurrent Orthogonal Networks and Long-Memory Tasks. Mikael Henaff, Arthur Szlam,
+            Yann LeCun, 2016. https://arxiv.org/abs/1602.06662
+
+        Example:
+            >>> import torch, tether
+            >>> rnn_cell = tether.orthogonal(torch.nn.Linear(6, 6))
+            >>> rnn_cell.weight = rnn_cell.parametrizations.weight[0].sample("torus")
+        """
+        if isinstance(shape, str):
+            if distribution is not None:
+                raise TypeError(
+                    f"{type(self).__name__}.sample() got the distribution twice: "
+                    f"{shape!r} and distribution={distribution!r}. Pass it once."
+                )
+            shape, distribution = None, shape
+        distribution = "uniform" if distribution is None else distribution
+        if distribution not in _DISTRIBUTIONS:
+            raise ValueError(
+                f"{type(self).__name__}.sample(): distribution must be one of "
+                f"{', '.join(repr(d) for d in _DISTRIBUTIONS)}; got {distribution!r}."
+            )
+        if init_ is not None and distribution != "torus":
+            raise ValueError(
+                f"{type(self).__name__}.sample(): init_ draws the torus' angles; it needs "
+                f"distribution='torus', got {distribution!r}."
+            )
+        return self._sample(shape, dtype, device, generator, distribution=distribution, init_=init_)
+
+    def _draw(
+        self,
+        shape: torch.Size,
+        draw: Draw,
+        distribution: Distribution = "uniform",
+        init_: Callable[[Tensor], object] | None = None,
+    ) -> Tensor:
         self.check_shape(shape, "sample()")
         transposed = shape[-2] < shape[-1]
-        tall_shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else tuple(shape)
-        G = torch.randn(tall_shape, dtype=dtype, device=device, generator=generator)
-        Q = orthonormalize(G)
+        tall_shape = torch.Size((*shape[:-2], shape[-1], shape[-2]) if transposed else shape)
+        if distribution == "torus":
+            Q = self._torus(tall_shape, draw, init_)
+        else:
+            Q = orthonormalize(torch.randn(tall_shape, **draw.kwargs))
         return Q.mT if transposed else Q
+
+    def _torus(
+        self, tall_shape: torch.Size, draw: Draw, init_: Callable[[Tensor], object] | None
+    ) -> Tensor:
+        """The first columns of ``map(S)``, ``S`` block-diagonal skew: see :meth:`sample`."""
+        *batch, n, k = tall_shape
+        real = draw.dtype.to_real() if draw.dtype.is_complex else draw.dtype
+        if init_ is None:
+            U = torch.rand(*batch, n // 2, dtype=real, device=draw.device, generator=draw.generator)
+            angles = math.pi * (2 * U - 1)
+        else:
+            angles = torch.empty(*batch, n // 2, dtype=real, device=draw.device)
+            with torch.no_grad():
+                init_(angles)
+        below = torch.zeros(*batch, max(n - 1, 0), dtype=real, device=draw.device)
+        below[..., ::2] = angles
+        S = torch.diag_embed(below, offset=-1)
+        S = (S - S.mT).to(draw.dtype)
+        group_map = cayley if self.orthogonal_map == "cayley" else skew_matrix_exp
+        return group_map(S)[..., :k]
 
     def distance(self, X: Tensor) -> Tensor:
         """``max |Qᴴ Q - I|`` over the entries (``Q Qᴴ`` for a wide ``X``)."""
@@ -280,17 +368,15 @@ class SpecialOrthogonal(Orthogonal):
         flip[..., -1] = torch.linalg.det(base).sign()
         return base * flip.unsqueeze(-2)
 
-    def sample(
+    def _draw(
         self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
+        shape: torch.Size,
+        draw: Draw,
+        distribution: Distribution = "uniform",
+        init_: Callable[[Tensor], object] | None = None,
     ) -> Tensor:
-        """A rotation drawn from the Haar measure on SO(n)."""
-        Q = super().sample(shape, dtype=dtype, device=device, generator=generator)
-        return self._base_for(Q)
+        # Haar on O(n), then into SO(n); the torus is there already (exp of a skew matrix).
+        return self._base_for(super()._draw(shape, draw, distribution, init_))
 
     def distance(self, X: Tensor) -> Tensor:
         """Distance to O(n), or 2 when the determinant is negative (the other component)."""
@@ -359,6 +445,15 @@ def orthogonal(
     map (``"matrix_exp"`` for square or complex weights, ``"householder"`` otherwise),
     numerics and ``state_dict`` keys, so checkpoints load both ways. See :class:`Orthogonal`.
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a matrix or a batch of them ``(*, n, k)``.
+        orthogonal_map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"``; by default
+            ``"matrix_exp"`` for square or complex tensors, ``"householder"`` otherwise (PyTorch's
+            defaults).
+        use_trivialization: keep a base point, so that any orthogonal matrix can be assigned and
+            :func:`tether.update_base` works (see :class:`Orthogonal`).
+
     Returns:
         ``module``.
 
@@ -396,6 +491,11 @@ def special_orthogonal(
 ) -> M:
     """Constrain ``module.<name>`` to rotations, SO(n). See :class:`SpecialOrthogonal`.
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+        orthogonal_map: ``"matrix_exp"`` (default) or ``"cayley"``; geotorch's ``triv``.
+
     Raises:
         ValueError: the tensor is not square (or a batch of square matrices), or is complex.
     """
@@ -411,8 +511,18 @@ def special_orthogonal(
 def grassmannian(
     module: M, name: str = "weight", orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp"
 ) -> M:
-    """Constrain ``module.<name>`` to a point of the Grassmannian. See :class:`Grassmannian`."""
+    """Constrain ``module.<name>`` to a point of the Grassmannian. See :class:`Grassmannian`.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a matrix or a batch of them ``(*, n, k)``.
+        orthogonal_map: ``"matrix_exp"`` (default) or ``"cayley"``; geotorch's ``triv``.
+    """
     return register_constraint(module, name, Grassmannian(orthogonal_map))
+
+
+def _layout(chain: nn.Module) -> dict[str, torch.Size]:
+    return {key: t.shape for key, t in chain.state_dict().items()}
 
 
 def update_base(
@@ -426,6 +536,13 @@ def update_base(
     with a base point]). Optimizer state for the original (momentum, Adam moments) refers to
     the old coordinates; resetting it is usually wise.
 
+    It works on every parametrized tensor, as geotorch's ``update_base`` does: where no
+    constraint of the chain has a base point (everything but the orthogonal family with
+    ``use_trivialization=True``), it re-assigns the current weight through the chain,
+    ``module.<name> = module.<name>``: the weight stays, and the originals are written afresh
+    by the right inverses (for :class:`tether.constraints.LowRank`, factors with orthonormal
+    columns again).
+
     An averaged copy of the model (EMA or SWA, as :class:`torch.optim.swa_utils.AveragedModel`
     makes) averages the originals, which only means something while it shares the model's
     base. Pass it as ``averaged`` and it moves along: it takes the model's new base and the
@@ -434,7 +551,9 @@ def update_base(
     converges to the model's weight. Without it the copy's weight jumps at each call (Note
     [An averaged copy and update_base] in ``tether.constraints._rebase``). ``averaged`` is the
     copy of ``module`` (``ema.module.<path>``), or the ``AveragedModel`` when ``module`` is the
-    whole model; both ``use_buffers`` settings work.
+    whole model; both ``use_buffers`` settings work. For a chain without a base point the
+    copy's weight is re-assigned the same way, so that both average originals written by the
+    same right inverse; neither weight moves.
 
     Args:
         module: the module holding the constrained tensor.
@@ -442,9 +561,9 @@ def update_base(
         averaged: the averaged copy of ``module`` to move along, if any.
 
     Raises:
-        ValueError: ``module.<name>`` has no constraint with a base point; or, with
-            ``averaged``: it is not a copy of ``module`` with the same constraints on
-            ``name``, the constraint with a base is not the first of its chain, it is a
+        ValueError: ``module.<name>`` is not parametrized; or, with ``averaged``: it is
+            not a copy of ``module`` with the same constraints on ``name``, or (with a base
+            point) the constraint with a base is not the first of its chain, it is a
             Grassmannian, or the averaged weight is too far from the model's to be written
             against the new base. Nothing is changed then.
 
@@ -470,32 +589,35 @@ def update_base(
         >>> torch.allclose(ema.module.weight, average, atol=1e-6)
         True
     """
-    chain = plists_of(module).get(name, ())
-    if not any(isinstance(getattr(p, "base", None), Tensor) for p in chain):
-        raise ValueError(
-            f"update_base() on {where(module, name)}: it has no constraint with a base point. "
-            "Register tether.orthogonal (use_trivialization=True), special_orthogonal or "
-            "grassmannian on it first."
-        )
-    if averaged is None:
-        with torch.no_grad():
-            setattr(module, name, getattr(module, name))
-        return
-
     who = f"update_base() on {where(module, name)}"
-    plist = plists_of(module)[name]
-    twin = averaged_module(averaged)
-    copy_chain = plists_of(twin).get(name) if isinstance(twin, nn.Module) else None
-    if (
+    plist = plists_of(module).get(name)
+    if plist is None:
+        raise ValueError(
+            f"{who}: the tensor has no parametrization. Register a constraint on it first, "
+            f"e.g. tether.orthogonal(module, {name!r})."
+        )
+    copy_chain = twin = None
+    if averaged is not None:
+        twin = averaged_module(averaged)
+        copy_chain = plists_of(twin).get(name) if isinstance(twin, nn.Module) else None
+    if averaged is not None and (
         copy_chain is None
         or [type(p) for p in copy_chain] != [type(p) for p in plist]
-        or copy_chain.original.shape != plist.original.shape
+        or _layout(copy_chain) != _layout(plist)
     ):
         raise ValueError(
             f"{who}: `averaged` must be the averaged copy of this module, with the same "
             f"parametrizations on {name!r}; got {type(twin).__name__}. Pass the copy of this "
             "very module, e.g. update_base(model.layer, averaged=ema.module.layer)."
         )
+    if copy_chain is None or not any(isinstance(getattr(p, "base", None), Tensor) for p in plist):
+        # No base point (or no averaged copy): re-assign the weight through its chain, which
+        # leaves it where it is and writes its originals afresh (geotorch's update_base).
+        with torch.no_grad():
+            setattr(module, name, getattr(module, name))
+            if twin is not None:
+                setattr(twin, name, getattr(twin, name))
+        return
     constraint, copy_constraint = plist[0], copy_chain[0]
     if (
         not isinstance(constraint, Orthogonal)

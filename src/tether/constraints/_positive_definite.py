@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._checks import bad_shape, bad_type, bad_value, check_square
-from tether.constraints._base import Constraint, register_constraint, worst
+from tether.constraints._base import Constraint, Draw, register_constraint, worst
 from tether.functional import (
     fixed_rank_psd,
     fixed_rank_psd_factors,
@@ -44,13 +44,7 @@ _MAPS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] 
 }
 
 
-def _sample(
-    shape: Sequence[int],
-    rank: int,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-    generator: torch.Generator | None,
-) -> Tensor:
+def _sample(shape: Sequence[int], rank: int, draw: Draw) -> Tensor:
     """``Q H Hᴴ Qᴴ / 2r``: ``Q`` uniform ``n x r`` orthonormal, ``H`` Gaussian ``r x 2r``.
 
     Rank ``r`` and, by the Marchenko-Pastur law, with its ``r`` positive eigenvalues spread over
@@ -58,8 +52,8 @@ def _sample(
     Wishart ``G Gᴴ / n`` of a square ``G`` has eigenvalues down to about ``1 / n²``.
     """
     *batch, n, _ = shape
-    G = torch.randn(*batch, n, rank, dtype=dtype, device=device, generator=generator)
-    H = torch.randn(*batch, rank, 2 * rank, dtype=dtype, device=device, generator=generator)
+    G = torch.randn(*batch, n, rank, **draw.kwargs)
+    H = torch.randn(*batch, rank, 2 * rank, **draw.kwargs)
     Q = orthonormalize(G)
     return gram(Q @ H) / (2 * rank)
 
@@ -176,20 +170,13 @@ class PositiveDefinite(Constraint):
         self.check_shape(X.shape, "the assigned value")
         return self._inverse(X)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Wishart matrix ``G Gᴴ / 2n`` with ``G`` a standard Gaussian ``n x 2n``.
 
         Its eigenvalues spread over about ``[0.09, 2.9]`` (Marchenko-Pastur).
         """
         self.check_shape(shape, "the sample")
-        return _sample(shape, shape[-1], dtype, device, generator)
+        return _sample(shape, shape[-1], draw)
 
     def distance(self, X: Tensor) -> Tensor:
         """The Frobenius distance to the closure of the set, the PSD matrices."""
@@ -244,17 +231,10 @@ class PositiveSemidefinite(Constraint):
         self.check_shape(X.shape, "the assigned value")
         return gram_factor(X)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Wishart matrix ``G Gᴴ / 2n`` with ``G`` a standard Gaussian ``n x 2n``."""
         self.check_shape(shape, "the sample")
-        return _sample(shape, shape[-1], dtype, device, generator)
+        return _sample(shape, shape[-1], draw)
 
     def distance(self, X: Tensor) -> Tensor:
         """The Frobenius distance to the set (to the projection described above)."""
@@ -273,17 +253,10 @@ class _PSDOfRank(Constraint):
         super().__init__()
         self.rank = _rank_argument(rank, f"{self._function}()")
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """``Q H Hᴴ Qᴴ / 2r``: ``Q`` uniform ``n x r`` orthonormal, ``H`` Gaussian ``r x 2r``."""
         self.check_shape(shape, "the sample")
-        return _sample(shape, self.rank, dtype, device, generator)
+        return _sample(shape, self.rank, draw)
 
     def distance(self, X: Tensor) -> Tensor:
         """The Frobenius distance to the PSD matrices of rank at most ``rank``.
@@ -410,6 +383,11 @@ def positive_definite(
 ) -> M:
     """Constrain ``module.<name>`` to positive definite matrices: see :class:`PositiveDefinite`.
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+        map: ``"matrix_exp"`` (default) or ``"softplus"`` on the eigenvalues.
+
     Example:
         >>> import torch, tether
         >>> layer = tether.positive_definite(torch.nn.Linear(3, 3))
@@ -420,15 +398,54 @@ def positive_definite(
 
 
 def positive_semidefinite(module: M, name: str = "weight") -> M:
-    """Constrain ``module.<name>`` to PSD matrices: see :class:`PositiveSemidefinite`."""
+    """Constrain ``module.<name>`` to PSD matrices: see :class:`PositiveSemidefinite`.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+    """
     return register_constraint(module, name, PositiveSemidefinite())
 
 
-def psd_low_rank(module: M, name: str = "weight", *, rank: int) -> M:
-    """Constrain ``module.<name>`` to PSD matrices of rank ``<= rank``: see :class:`PSDLowRank`."""
+def psd_low_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
+    """Constrain ``module.<name>`` to PSD matrices of rank ``<= rank``: see :class:`PSDLowRank`.
+
+    ``rank`` is required; it may be passed by position, as in geotorch's
+    ``positive_semidefinite_low_rank(module, "weight", 2)``.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them.
+        rank: the largest rank allowed, ``1 <= rank <= n``.
+
+    Returns:
+        ``module``.
+    """
+    if rank is None:
+        raise TypeError(
+            "psd_low_rank() missing required argument 'rank': pass it, e.g. "
+            "psd_low_rank(module, rank=2) or psd_low_rank(module, 'weight', 2)."
+        )
     return register_constraint(module, name, PSDLowRank(rank))
 
 
-def psd_fixed_rank(module: M, name: str = "weight", *, rank: int) -> M:
-    """Constrain ``module.<name>`` to PSD matrices of rank ``rank``: see :class:`PSDFixedRank`."""
+def psd_fixed_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
+    """Constrain ``module.<name>`` to PSD matrices of rank ``rank``: see :class:`PSDFixedRank`.
+
+    ``rank`` is required; it may be passed by position, as in geotorch's
+    ``positive_semidefinite_fixed_rank(module, "weight", 2)``.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them.
+        rank: the rank, ``1 <= rank <= n``.
+
+    Returns:
+        ``module``.
+    """
+    if rank is None:
+        raise TypeError(
+            "psd_fixed_rank() missing required argument 'rank': pass it, e.g. "
+            "psd_fixed_rank(module, rank=2) or psd_fixed_rank(module, 'weight', 2)."
+        )
     return register_constraint(module, name, PSDFixedRank(rank))

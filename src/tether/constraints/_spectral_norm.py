@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tether._checks import bad_dtype, bad_shape, bad_type, bad_value, check_dim, describe, where
-from tether.constraints._base import Constraint, register_constraint
+from tether.constraints._base import Constraint, Draw, register_constraint
 from tether.constraints._conv_operator import (
     CONV_LAYERS,
     CONV_TRANSPOSE_LAYERS,
@@ -452,17 +452,10 @@ class SpectralNorm(Constraint):
                 self._refresh(*self._fitted_vectors(X))
         return X
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Gaussian tensor rescaled into the set (with the exact ``sigma``)."""
         self.check_shape(torch.Size(shape), "shape")
-        G = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
+        G = torch.randn(tuple(shape), **draw.kwargs)
         with torch.no_grad():
             return self._scale(G, self._exact_sigma(G))
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from tether._checks import check_slices, dims, positive_number, where
-from tether.constraints._base import Constraint, default_atol, register_constraint
+from tether.constraints._base import Constraint, Draw, default_atol, register_constraint
 from tether.functional._elementwise import Dim, poincare_exp, poincare_log, project_sphere
 
 __all__ = ["PoincareBall", "Sphere", "poincare_ball", "sphere"]
@@ -67,16 +66,9 @@ class Sphere(Constraint):
         self._check_projectable(X, "the assigned value")
         return X / torch.linalg.vector_norm(X, dim=self.dim, keepdim=True)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         self.check_shape(torch.Size(shape), "the sample")
-        X = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        X = torch.randn(shape, **draw.kwargs)
         return project_sphere(X, self.radius, self.dim)
 
     def distance(self, X: Tensor) -> Tensor:
@@ -162,19 +154,12 @@ class PoincareBall(Constraint):
         X = X * torch.where(r < 1, 1.0, (1 - margin) / r.clamp_min(1))
         return poincare_log(X, self.c, self.dim)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         size = torch.Size(shape)
         self.check_shape(size, "the sample")
         wanted = range(len(size)) if self.dim is None else _as_tuple(self.dim)
         n = math.prod(size[d] for d in wanted)
-        V = torch.randn(size, dtype=dtype, device=device, generator=generator)
+        V = torch.randn(size, **draw.kwargs)
         return poincare_exp(V / math.sqrt(self.c * n), self.c, self.dim)
 
     def distance(self, X: Tensor) -> Tensor:
@@ -191,6 +176,12 @@ class PoincareBall(Constraint):
 def sphere(module: M, name: str = "weight", radius: float = 1.0, *, dim: Dim = None) -> M:
     """Constrain ``module.<name>`` to norm ``radius``, whole or per slice (see :class:`Sphere`).
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain (a parameter or buffer of ``module``).
+        radius: the norm, a positive number.
+        dim: the dimensions each normalised slice spans; ``None`` (default): the whole tensor.
+
     Raises:
         ValueError: the tensor (or a slice of it) has norm 0, so it cannot be projected.
     """
@@ -205,7 +196,14 @@ def sphere(module: M, name: str = "weight", radius: float = 1.0, *, dim: Dim = N
 
 
 def poincare_ball(module: M, name: str = "weight", c: float = 1.0, *, dim: Dim = -1) -> M:
-    """Keep each slice of ``module.<name>`` in the Poincaré ball (see :class:`PoincareBall`)."""
+    """Keep each slice of ``module.<name>`` in the Poincaré ball (see :class:`PoincareBall`).
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain (a parameter or buffer of ``module``).
+        c: the curvature's magnitude, positive: the ball has radius ``1 / sqrt(c)``.
+        dim: the dimensions each slice spans (default: the last).
+    """
     return register_constraint(module, name, PoincareBall(c, dim=dim))
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._checks import check_square
-from tether.constraints._base import Constraint, register_constraint, worst
+from tether.constraints._base import Constraint, Draw, register_constraint, worst
 from tether.functional import skew_part, symmetric_part
 
 __all__ = ["Skew", "Symmetric", "skew", "symmetric"]
@@ -36,20 +36,13 @@ class _Subspace(Constraint):
         self.check_shape(X.shape, "the assigned value")
         return self.forward(X)
 
-    def sample(
-        self,
-        shape: Sequence[int],
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """The projection of a standard Gaussian ``G``, ``(G ± Gᴴ) / 2``.
 
         For :class:`Symmetric`, a matrix of the Gaussian orthogonal (unitary) ensemble.
         """
         self.check_shape(shape, "the sample")
-        G = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
+        G = torch.randn(tuple(shape), **draw.kwargs)
         return self.forward(G)
 
     def distance(self, X: Tensor) -> Tensor:
@@ -127,6 +120,10 @@ class Skew(_Subspace):
 def symmetric(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to symmetric (Hermitian) matrices: see :class:`Symmetric`.
 
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+
     Example:
         >>> import torch, tether
         >>> W = tether.symmetric(torch.nn.Linear(3, 3)).weight
@@ -138,6 +135,10 @@ def symmetric(module: M, name: str = "weight") -> M:
 
 def skew(module: M, name: str = "weight") -> M:
     """Constrain ``module.<name>`` to skew-symmetric (skew-Hermitian) matrices: see :class:`Skew`.
+
+    Args:
+        module: the module holding the tensor.
+        name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
 
     Example:
         >>> import torch, tether

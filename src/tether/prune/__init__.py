@@ -24,6 +24,9 @@ Example:
     'Linear'
 """
 
+from tether.prune import _torch_names  # noqa: F401  # serves module.<name>_mask and _orig
+from tether.prune._base import BasePruningMethod as BasePruningMethod
+from tether.prune._base import PruningContainer as PruningContainer
 from tether.prune._functions import custom_from_mask as custom_from_mask
 from tether.prune._functions import global_unstructured as global_unstructured
 from tether.prune._functions import identity as identity
@@ -32,7 +35,11 @@ from tether.prune._functions import ln_structured as ln_structured
 from tether.prune._functions import random_structured as random_structured
 from tether.prune._functions import random_unstructured as random_unstructured
 from tether.prune._mask import PruningMask as PruningMask
+from tether.prune._methods import CustomFromMask as CustomFromMask
+from tether.prune._methods import Identity as Identity
 from tether.prune._methods import L1Unstructured as L1Unstructured
+from tether.prune._methods import LnStructured as LnStructured
+from tether.prune._methods import RandomStructured as RandomStructured
 from tether.prune._methods import RandomUnstructured as RandomUnstructured
 from tether.prune._remove import is_pruned as is_pruned
 from tether.prune._remove import remove as remove
@@ -41,8 +48,14 @@ from tether.prune._sparsity import TensorSparsity as TensorSparsity
 from tether.prune._sparsity import sparsity as sparsity
 
 __all__ = [
+    "BasePruningMethod",
+    "CustomFromMask",
+    "Identity",
     "L1Unstructured",
+    "LnStructured",
+    "PruningContainer",
     "PruningMask",
+    "RandomStructured",
     "RandomUnstructured",
     "Sparsity",
     "TensorSparsity",

@@ -1,8 +1,8 @@
 """Applying a pruning method to a module's tensor: the steps every pruning function shares.
 
-Find what is still unpruned (:func:`current`), run the method on it and store the merged mask
-in the tensor's :class:`PruningMask`, registering one on the first pruning
-(:func:`apply_method`). Validation errors get the call and the tensor in front
+Find what is still unpruned (:func:`current`), check the mask a method computed
+(:func:`checked_mask`) and store it in the tensor's :class:`PruningMask`, registering one on the
+first pruning (:func:`store`). Validation errors get the call and the tensor in front
 (:func:`about`), e.g. ``l1_unstructured() on Linear.weight: amount=-1 is negative...``.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +21,19 @@ from tether._parametrization_list import plists_of
 from tether.parametrize import register_parametrization
 from tether.prune._checkpoint import ensure_torch_keys_hook
 from tether.prune._mask import PruningMask, find_mask, value_through
-from tether.prune._methods import PruningMethod, merge
 
-__all__ = ["about", "apply_method", "checked_scores", "context", "current"]
+if TYPE_CHECKING:
+    from tether.prune._base import BasePruningMethod
+
+__all__ = [
+    "about",
+    "check_not_meta",
+    "checked_mask",
+    "checked_scores",
+    "context",
+    "current",
+    "store",
+]
 
 
 @contextlib.contextmanager
@@ -93,12 +104,8 @@ def checked_scores(importance_scores: object, value: Tensor) -> Tensor:
     return importance_scores.detach().to(device=value.device)
 
 
-def apply_method(
-    module: nn.Module, name: str, method: PruningMethod, importance_scores: Tensor | None
-) -> None:
-    """Apply ``method`` to what is still unpruned of ``module.<name>`` and store the mask."""
-    value, mask = current(module, name)
-    scores = value if importance_scores is None else checked_scores(importance_scores, value)
+def check_not_meta(scores: Tensor, module: nn.Module, name: str, method: object) -> None:
+    """Refuse to compute a mask from a tensor on the meta device, which holds no values."""
     if scores.is_meta:
         # NotImplementedError, as torch's own kernels raise for data-dependent ops on meta.
         raise NotImplementedError(
@@ -107,14 +114,39 @@ def apply_method(
             "giving the module real memory (module.to_empty(device=...), then "
             "reset_parameters())."
         )
-    with torch.no_grad():
-        new = merge(method, scores, mask).to(dtype=value.dtype, device=value.device)
+
+
+def checked_mask(mask: object, value: Tensor, method: object) -> Tensor:
+    """The mask a method computed, as a fresh tensor of ``value``'s dtype and device.
+
+    A method written by the user may return anything; say which method went wrong and how.
+    """
+    owner = type(method).__name__
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"{owner}.compute_mask returned {describe(mask)}; it must return the mask as a "
+            "tensor of the shape of t (0 where pruned, 1 where kept)."
+        )
+    expect_same_shape(
+        value.shape,
+        mask.shape,
+        f"{owner}.compute_mask returned a mask of the wrong shape.",
+        "Return a mask of the shape of t, e.g. starting from default_mask.clone().",
+    )
+    return mask.to(dtype=value.dtype, device=value.device, copy=True)
+
+
+def store(module: nn.Module, name: str, mask: Tensor, method: BasePruningMethod) -> None:
+    """Put ``module.<name>`` under ``mask``: register a :class:`PruningMask`, or update it."""
     found = find_mask(module, name)
     if found is None:
-        register_parametrization(module, name, PruningMask(new))
+        pruning = PruningMask(mask)
+        pruning.method = method
+        register_parametrization(module, name, pruning)
         ensure_torch_keys_hook(module)
         return
     plist, _, pruning = found
     with torch.no_grad():
-        pruning.mask.copy_(new)
+        pruning.mask.copy_(mask)
+    pruning.method = method
     _cache.invalidate(plist)

@@ -9,16 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from tether._checks import describe
-from tether.prune._apply import about, apply_method, checked_scores, context, current
+from tether.prune._apply import about, checked_scores, context, current
+from tether.prune._base import merge, prune_tensor
 from tether.prune._methods import (
     CustomFromMask,
     Identity,
     L1Unstructured,
     LnStructured,
-    PruningMethod,
     RandomStructured,
     RandomUnstructured,
-    merge,
 )
 
 __all__ = [
@@ -59,8 +58,7 @@ def identity(module: M, name: str) -> M:
         >>> layer.parametrizations.bias[0].mask
         tensor([1., 1., 1.])
     """
-    with about(context("identity", module, name)):
-        apply_method(module, name, Identity(), None)
+    prune_tensor(Identity, "identity", module, name, (), {}, None)
     return module
 
 
@@ -94,8 +92,7 @@ def random_unstructured(module: M, name: str, amount: int | float) -> M:
         >>> int((layer.weight == 0).sum())
         10
     """
-    with about(context("random_unstructured", module, name)):
-        apply_method(module, name, RandomUnstructured(amount), None)
+    prune_tensor(RandomUnstructured, "random_unstructured", module, name, (amount,), {}, None)
     return module
 
 
@@ -142,8 +139,7 @@ def l1_unstructured(
         >>> list(layer.state_dict())
         ['bias', 'parametrizations.weight.original', 'parametrizations.weight.0.mask']
     """
-    with about(context("l1_unstructured", module, name)):
-        apply_method(module, name, L1Unstructured(amount), importance_scores)
+    prune_tensor(L1Unstructured, "l1_unstructured", module, name, (amount,), {}, importance_scores)
     return module
 
 
@@ -178,8 +174,18 @@ def random_structured(module: M, name: str, amount: int | float, dim: int) -> M:
         >>> int((layer.weight.abs().sum(dim=0) == 0).sum())
         3
     """
-    with about(context("random_structured", module, name)):
-        apply_method(module, name, RandomStructured(amount, dim), None)
+    prune_tensor(
+        RandomStructured,
+        "random_structured",
+        module,
+        name,
+        (
+            amount,
+            dim,
+        ),
+        {},
+        None,
+    )
     return module
 
 
@@ -231,8 +237,19 @@ def ln_structured(
         >>> (conv.weight.flatten(1).abs().sum(dim=1) == 0).tolist().count(True)
         2
     """
-    with about(context("ln_structured", module, name)):
-        apply_method(module, name, LnStructured(amount, n, dim), importance_scores)
+    prune_tensor(
+        LnStructured,
+        "ln_structured",
+        module,
+        name,
+        (
+            amount,
+            n,
+            dim,
+        ),
+        {},
+        importance_scores,
+    )
     return module
 
 
@@ -263,8 +280,7 @@ def custom_from_mask(module: M, name: str, mask: Tensor) -> M:
         >>> layer.parametrizations.bias[0].mask
         tensor([0., 1., 0.])
     """
-    with about(context("custom_from_mask", module, name)):
-        apply_method(module, name, CustomFromMask(mask), None)
+    prune_tensor(CustomFromMask, "custom_from_mask", module, name, (mask,), {}, None)
     return module
 
 
@@ -277,7 +293,7 @@ _METHOD_OF_FUNCTION: dict[object, type] = {
 
 def global_unstructured(
     parameters: Iterable[tuple[nn.Module, str]],
-    pruning_method: type | Callable[..., PruningMethod],
+    pruning_method: Callable[..., object],
     importance_scores: dict[tuple[nn.Module, str], Tensor] | None = None,
     **kwargs: Any,
 ) -> None:
@@ -373,5 +389,4 @@ def global_unstructured(
     for (module, name), value in zip(pairs, values, strict=True):
         part = flat[start : start + value.numel()].view_as(value)
         start += value.numel()
-        with about(context("global_unstructured", module, name)):
-            apply_method(module, name, CustomFromMask(part), None)
+        prune_tensor(CustomFromMask, "global_unstructured", module, name, (part,), {}, None)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from tether._checks import describe
 from tether._parametrization_list import ParametrizationList, plists_of
+
+if TYPE_CHECKING:
+    from tether.prune._base import BasePruningMethod
 
 __all__ = ["PruningMask", "find_mask", "value_through"]
 
@@ -29,6 +34,11 @@ class PruningMask(nn.Module):
     original, and ``module.weight`` then reads ``X * mask``, the nearest tensor that is zero
     where pruned.
 
+    The pruning functions also keep, as the attribute ``method``, the pruning method that
+    computed the mask (torch keeps it as the module's forward pre-hook): after repeated pruning
+    a :class:`~tether.prune.PruningContainer` holding every method in order, and ``None`` for a
+    mask built by hand. It is not part of the ``state_dict``.
+
     Args:
         mask: the mask, of the shape of the tensor it will be registered on: 1 to keep an
             entry, 0 to prune it.
@@ -49,6 +59,7 @@ class PruningMask(nn.Module):
     """
 
     mask: Tensor
+    method: BasePruningMethod | None = None
 
     def __init__(self, mask: Tensor) -> None:
         super().__init__()

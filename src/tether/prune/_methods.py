@@ -1,10 +1,9 @@
 """The mask computations: which entries or channels each pruning method zeroes.
 
-Every method follows the protocol of ``torch.nn.utils.prune``'s methods, so that the two can
-be swapped in :func:`tether.prune.global_unstructured`: a ``PRUNING_TYPE`` (``"unstructured"``,
+Each is a :class:`~tether.prune.BasePruningMethod` with the name, arguments and masks of its
+counterpart in ``torch.nn.utils.prune``: a ``PRUNING_TYPE`` (``"unstructured"``,
 ``"structured"`` or ``"global"``) and ``compute_mask(t, default_mask)``, which returns the
-mask to apply to ``t`` on top of ``default_mask``. :func:`merge` applies a method to the part
-of a tensor that is still unpruned, which is how repeated pruning of one tensor works.
+mask to apply to ``t`` on top of ``default_mask``.
 
 Note [Masks equal to PyTorch's]
     tether promises the masks of ``torch.nn.utils.prune`` for the same inputs, random methods
@@ -29,32 +28,22 @@ Note [Masks equal to PyTorch's]
 from __future__ import annotations
 
 import numbers
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from tether._checks import describe, expect_same_shape
+from tether.prune._base import BasePruningMethod, channel_dim
 
 __all__ = [
     "CustomFromMask",
     "Identity",
     "L1Unstructured",
     "LnStructured",
-    "PruningMethod",
     "RandomStructured",
     "RandomUnstructured",
     "check_amount",
-    "merge",
 ]
-
-
-class PruningMethod(Protocol):
-    """What :func:`merge` needs of a method: tether's, or a subclass of torch's."""
-
-    PRUNING_TYPE: str
-
-    def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor: ...
 
 
 def check_amount(amount: object) -> None:
@@ -99,37 +88,33 @@ def _zero_ranked(default_mask: Tensor, ranking: Tensor, count: int, largest: boo
     return mask
 
 
-def _channel_dim(t: Tensor, dim: int) -> int:
-    """``dim`` as a non-negative index of the channel dimension of ``t``, validated."""
-    if t.dim() < 2:
-        raise ValueError(
-            f"structured pruning removes whole channels, so it needs a tensor of 2 or more "
-            f"dimensions; got shape {tuple(t.shape)}. Use l1_unstructured or "
-            "random_unstructured on vectors."
-        )
-    if not -t.dim() <= dim < t.dim():
-        raise IndexError(
-            f"dim={dim} is out of range for a tensor of shape {tuple(t.shape)}; pass a dim in "
-            f"[{-t.dim()}, {t.dim() - 1}] (dim=0 prunes output channels of Linear and Conv)."
-        )
-    return dim % t.dim()
-
-
 def _channels(t: Tensor, dim: int, kept: Tensor) -> Tensor:
     """A mask like ``t``: ones on the channels ``kept`` (indices) along ``dim``, zeros elsewhere."""
     return torch.zeros_like(t).index_fill_(dim, kept.to(t.device), 1)
 
 
-class Identity:
-    """Prunes nothing: the mask stays as it is (all ones on a tensor not yet pruned)."""
+class Identity(BasePruningMethod):
+    """Prunes nothing: the mask stays as it is (all ones on a tensor not yet pruned).
+
+    The method behind :func:`tether.prune.identity`, as ``torch.nn.utils.prune.Identity``.
+
+    Example:
+        >>> import torch
+        >>> from tether.prune import Identity
+        >>> Identity().compute_mask(torch.randn(3), torch.tensor([1.0, 0.0, 1.0]))
+        tensor([1., 0., 1.])
+    """
 
     PRUNING_TYPE = "unstructured"
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
         return default_mask
 
+    def __repr__(self) -> str:
+        return "Identity()"
 
-class RandomUnstructured:
+
+class RandomUnstructured(BasePruningMethod):
     """Prunes ``amount`` of the unpruned entries, chosen uniformly at random.
 
     The method behind :func:`tether.prune.random_unstructured`; pass the class as
@@ -167,7 +152,7 @@ class RandomUnstructured:
         return f"RandomUnstructured(amount={self.amount!r})"
 
 
-class L1Unstructured:
+class L1Unstructured(BasePruningMethod):
     """Prunes ``amount`` of the unpruned entries, those of smallest magnitude.
 
     The method behind :func:`tether.prune.l1_unstructured`; pass the class as
@@ -204,8 +189,29 @@ class L1Unstructured:
         return f"L1Unstructured(amount={self.amount!r})"
 
 
-class RandomStructured:
-    """Prunes ``amount`` of the unpruned channels along ``dim``, chosen uniformly at random."""
+class RandomStructured(BasePruningMethod):
+    """Prunes ``amount`` of the unpruned channels along ``dim``, chosen uniformly at random.
+
+    The method behind :func:`tether.prune.random_structured`. A channel is a slice
+    ``t.select(dim, i)``. Draws as ``torch.nn.utils.prune.RandomStructured`` does, so the
+    masks agree under the same seed (Note [Masks equal to PyTorch's]).
+
+    Args:
+        amount: how many channels to prune (int) or the fraction of them (float in [0, 1]).
+        dim: the dimension indexing the channels.
+
+    Raises:
+        TypeError: ``amount`` is not a number.
+        ValueError: ``amount`` is negative, or a float above 1.
+
+    Example:
+        >>> import torch
+        >>> from tether.prune import RandomStructured
+        >>> method = RandomStructured(amount=2, dim=1)
+        >>> mask = method.compute_mask(torch.randn(3, 4), torch.ones(3, 4))
+        >>> (mask.sum(dim=0) == 0).sum().item()
+        2
+    """
 
     PRUNING_TYPE = "structured"
 
@@ -215,7 +221,7 @@ class RandomStructured:
         self.dim = dim
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        dim = _channel_dim(t, self.dim)
+        dim = channel_dim(t, self.dim)
         size = t.shape[dim]
         count = _count(self.amount, size, "channels")
         if count == 0:
@@ -226,9 +232,35 @@ class RandomStructured:
         kept = (draws > torch.kthvalue(draws, count).values).nonzero().flatten()
         return _channels(t, dim, kept) * default_mask.to(dtype=t.dtype)
 
+    def __repr__(self) -> str:
+        return f"RandomStructured(amount={self.amount!r}, dim={self.dim!r})"
 
-class LnStructured:
-    """Prunes ``amount`` of the unpruned channels along ``dim``, those of smallest Ln norm."""
+
+class LnStructured(BasePruningMethod):
+    """Prunes ``amount`` of the unpruned channels along ``dim``, those of smallest Ln norm.
+
+    The method behind :func:`tether.prune.ln_structured`; the norm of a channel
+    ``t.select(dim, i)`` is ``torch.norm(channel, p=n)``. Masks as
+    ``torch.nn.utils.prune.LnStructured``, ties included.
+
+    Args:
+        amount: how many channels to prune (int) or the fraction of them (float in [0, 1]).
+        n: the order of the norm, any ``p`` of :func:`torch.norm`.
+        dim: the dimension indexing the channels.
+
+    Raises:
+        TypeError: ``amount`` is not a number, or ``n`` is not a norm order.
+        ValueError: ``amount`` is negative, or a float above 1.
+
+    Example:
+        >>> import torch
+        >>> from tether.prune import LnStructured
+        >>> t = torch.tensor([[3.0, 4.0], [0.1, 0.2], [1.0, 1.0]])
+        >>> LnStructured(amount=1, n=2, dim=0).compute_mask(t, torch.ones(3, 2))
+        tensor([[1., 1.],
+                [0., 0.],
+                [1., 1.]])
+    """
 
     PRUNING_TYPE = "structured"
 
@@ -244,7 +276,7 @@ class LnStructured:
         self.dim = dim
 
     def compute_mask(self, t: Tensor, default_mask: Tensor) -> Tensor:
-        dim = _channel_dim(t, self.dim)
+        dim = channel_dim(t, self.dim)
         size = t.shape[dim]
         count = _count(self.amount, size, "channels")
         others = [d for d in range(t.dim()) if d != dim]
@@ -256,9 +288,30 @@ class LnStructured:
         kept = torch.topk(norms, k=size - count, largest=True).indices
         return _channels(t, dim, kept) * default_mask.to(dtype=t.dtype)
 
+    def __repr__(self) -> str:
+        return f"LnStructured(amount={self.amount!r}, n={self.n!r}, dim={self.dim!r})"
 
-class CustomFromMask:
-    """Multiplies a given mask into the current one."""
+
+class CustomFromMask(BasePruningMethod):
+    """Multiplies a given mask into the current one: prunes where ``mask`` is 0.
+
+    The method behind :func:`tether.prune.custom_from_mask` and the last step of
+    :func:`tether.prune.global_unstructured`, as ``torch.nn.utils.prune.CustomFromMask``.
+    Its ``PRUNING_TYPE`` is ``"global"``: the mask is given for the whole tensor.
+
+    Args:
+        mask: a tensor of the pruned tensor's shape, 0 where pruned and 1 where kept.
+
+    Raises:
+        TypeError: ``mask`` is not a tensor.
+
+    Example:
+        >>> import torch
+        >>> from tether.prune import CustomFromMask
+        >>> method = CustomFromMask(torch.tensor([0, 1, 1]))
+        >>> method.compute_mask(torch.randn(3), default_mask=torch.tensor([1.0, 1.0, 0.0]))
+        tensor([0., 1., 0.])
+    """
 
     PRUNING_TYPE = "global"
 
@@ -277,44 +330,5 @@ class CustomFromMask:
         mask = self.mask.to(dtype=default_mask.dtype, device=default_mask.device)
         return default_mask * mask
 
-
-def merge(method: PruningMethod, t: Tensor, mask: Tensor) -> Tensor:
-    """The mask after pruning ``t`` with ``method`` on top of the current ``mask``.
-
-    The method sees only what ``mask`` has not pruned yet: the entries where the mask is 1
-    (unstructured methods), the channels that still have a nonzero entry (structured), or
-    everything (global, for masks given whole). So ``amount`` counts what is left, and pruning
-    ``t`` twice by 50% leaves 25% of it, as in PyTorch's iterative pruning.
-
-    Args:
-        method: the pruning method to apply.
-        t: the importance scores (usually the current, pruned, tensor), of ``mask``'s shape.
-        mask: the current mask, all ones for a tensor not yet pruned.
-
-    Returns:
-        The new mask, in ``t``'s dtype.
-    """
-    kind = getattr(method, "PRUNING_TYPE", None)
-    index: tuple[Tensor | slice, ...]
-    if kind == "unstructured":
-        index = (mask == 1,)
-    elif kind == "structured":
-        dim = getattr(method, "dim", None)
-        if not isinstance(dim, int):
-            raise AttributeError(
-                f"{type(method).__name__} is a structured pruning method, so it needs an int "
-                "attribute `dim` (the dimension of its channels)."
-            )
-        dim = _channel_dim(t, dim)
-        alive = mask.sum(dim=[d for d in range(t.dim()) if d != dim]) != 0
-        index = (*[slice(None)] * dim, alive)
-    elif kind == "global":
-        index = (slice(None),) * t.dim()
-    else:
-        raise ValueError(
-            f"{type(method).__name__} has PRUNING_TYPE={kind!r}; a pruning method needs "
-            "'unstructured', 'structured' or 'global'."
-        )
-    new = mask.to(dtype=t.dtype, copy=True)
-    new[index] = method.compute_mask(t[index], default_mask=mask[index]).to(dtype=new.dtype)
-    return new
+    def __repr__(self) -> str:
+        return f"CustomFromMask(mask of shape {tuple(self.mask.shape)})"

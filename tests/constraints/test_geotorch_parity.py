@@ -1,0 +1,245 @@
+"""What geotorch users rely on: sample() without arguments, update_base everywhere, torus, f=."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import tether
+from tether.constraints import AlmostOrthogonal, Constraint, Orthogonal, SpecialOrthogonal
+
+Register = Callable[[nn.Module], nn.Module]
+
+# Every registering function with a constraint of tether's (weight_norm is a plain module),
+# on a 5 x 5 weight (4 x 6 where the shape matters to the constraint).
+REGISTER: dict[str, Register] = {
+    "orthogonal": tether.orthogonal,
+    "orthogonal_wide": tether.orthogonal,
+    "special_orthogonal": tether.special_orthogonal,
+    "grassmannian": tether.grassmannian,
+    "low_rank": lambda m: tether.low_rank(m, "weight", 2),
+    "fixed_rank": lambda m: tether.fixed_rank(m, "weight", 2),
+    "almost_orthogonal": lambda m: tether.almost_orthogonal(m, "weight", 0.5),
+    "positive_definite": tether.positive_definite,
+    "positive_semidefinite": tether.positive_semidefinite,
+    "psd_low_rank": lambda m: tether.psd_low_rank(m, "weight", 2),
+    "psd_fixed_rank": lambda m: tether.psd_fixed_rank(m, "weight", 2),
+    "invertible": tether.invertible,
+    "special_linear": tether.special_linear,
+    "hurwitz": tether.hurwitz,
+    "symmetric": tether.symmetric,
+    "skew": tether.skew,
+    "positive": tether.positive,
+    "bounded": lambda m: tether.bounded(m, low=-1.0, high=2.0),
+    "simplex": tether.simplex,
+    "sphere": tether.sphere,
+    "poincare_ball": tether.poincare_ball,
+    "spectral_norm": tether.spectral_norm,
+}
+SHAPES = {"orthogonal_wide": (4, 6), "grassmannian": (6, 4), "low_rank": (4, 6)}
+
+
+def registered(kind: str, dtype: torch.dtype = torch.float64) -> nn.Linear:
+    n, k = SHAPES.get(kind, (5, 5))
+    layer = nn.Linear(k, n, bias=False).to(dtype)
+    if kind in ("positive_definite", "positive_semidefinite", "psd_low_rank", "psd_fixed_rank"):
+        with torch.no_grad():
+            layer.weight.copy_(layer.weight @ layer.weight.T + 0.1 * torch.eye(n, dtype=dtype))
+    return REGISTER[kind](layer)
+
+
+def constraint_of(layer: nn.Module) -> Constraint:
+    constraint = layer.parametrizations.weight[0]
+    assert isinstance(constraint, Constraint)
+    return constraint
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", REGISTER)
+def test_sample_without_arguments_draws_like_the_registered_tensor(
+    kind: str, dtype: torch.dtype
+) -> None:
+    layer = registered(kind, dtype)
+    constraint = constraint_of(layer)
+    X = constraint.sample()
+    assert (X.shape, X.dtype, X.device) == (layer.weight.shape, dtype, layer.weight.device)
+    assert constraint.in_manifold(X)
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "low_rank", "sphere"])
+def test_sample_follows_the_module_to_another_dtype(kind: str) -> None:
+    layer = registered(kind, torch.float32).to(torch.float64)
+    assert constraint_of(layer).sample().dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "almost_orthogonal", "positive_definite"])
+def test_sample_without_arguments_can_be_assigned(kind: str) -> None:
+    layer = registered(kind)
+    X = constraint_of(layer).sample()
+    layer.weight = X
+    eps = torch.finfo(X.dtype).eps
+    torch.testing.assert_close(layer.weight, X, atol=1e3 * eps, rtol=0)
+
+
+def test_sample_of_a_shape_keeps_working_on_a_registered_constraint() -> None:
+    constraint = constraint_of(registered("orthogonal"))
+    Q = constraint.sample((3, 2), dtype=torch.float32)
+    assert (Q.shape, Q.dtype) == (torch.Size([3, 2]), torch.float32)
+
+
+def test_sample_without_a_shape_on_an_unregistered_constraint_says_what_to_do() -> None:
+    with pytest.raises(TypeError, match=r"Orthogonal\.sample\(\) needs a shape"):
+        Orthogonal().sample()
+
+
+def test_sample_in_bfloat16_is_drawn_in_float32_and_rounded() -> None:
+    layer = registered("orthogonal", torch.bfloat16)
+    Q = constraint_of(layer).sample()
+    assert Q.dtype == torch.bfloat16
+    assert constraint_of(layer).in_manifold(Q)
+
+
+# spectral_norm's right inverse keeps the value as the original, as PyTorch's does, so
+# re-assigning divides by the estimated sigma once more: the weight moves by its error.
+@pytest.mark.parametrize("kind", [kind for kind in REGISTER if kind != "spectral_norm"])
+def test_update_base_keeps_the_weight(kind: str) -> None:
+    layer = registered(kind)
+    with torch.no_grad():
+        for original in layer.parametrizations.weight.parameters():
+            original.add_(0.01 * torch.randn_like(original))
+    before = layer.weight.detach().clone()
+    tether.update_base(layer)
+    eps = torch.finfo(before.dtype).eps
+    torch.testing.assert_close(layer.weight, before, atol=1e4 * eps, rtol=0)
+
+
+def test_update_base_without_a_base_rewrites_the_originals() -> None:
+    layer = registered("low_rank")
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.mul_(3.0)  # not orthonormal any more
+    tether.update_base(layer)
+    U = layer.parametrizations.weight.original0
+    eye = torch.eye(2, dtype=U.dtype)
+    torch.testing.assert_close(U.T @ U, eye, atol=100 * torch.finfo(U.dtype).eps, rtol=0)
+
+
+def test_update_base_on_a_plain_tensor_says_what_to_do() -> None:
+    with pytest.raises(ValueError, match="has no parametrization"):
+        tether.update_base(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (7, 7), (6, 3), (3, 6), (2, 4, 4)])
+@pytest.mark.parametrize("orthogonal_map", ["matrix_exp", "cayley", "householder"])
+def test_torus_sample_is_a_member(shape: tuple[int, ...], orthogonal_map: str) -> None:
+    constraint = Orthogonal(orthogonal_map)  # type: ignore[arg-type]
+    Q = constraint.sample(shape, distribution="torus", dtype=torch.float64)
+    assert Q.shape == shape
+    assert constraint.in_manifold(Q)
+
+
+def test_torus_eigenvalue_angles_are_spread() -> None:
+    n = 400
+    layer = tether.orthogonal(nn.Linear(n, n).double())
+    Q = constraint_of(layer).sample("torus", generator=torch.Generator().manual_seed(0))
+    angles = torch.linalg.eigvals(Q).angle().abs()
+    # |θ| uniform on (0, π): each third of the half circle holds about a third of them
+    # (n / 3 ± 2 n / 27 at 5 standard deviations, for n / 2 independent angles).
+    counts = torch.histc(angles, bins=3, min=0.0, max=math.pi)
+    assert bool((counts >= n / 6).all()), counts
+
+
+def test_torus_is_a_rotation_for_special_orthogonal() -> None:
+    Q = SpecialOrthogonal().sample((5, 5), distribution="torus", dtype=torch.float64)
+    assert float(torch.linalg.det(Q)) == pytest.approx(1.0)
+
+
+def test_torus_init_draws_the_angles() -> None:
+    Q = Orthogonal().sample((4, 4), distribution="torus", init_=nn.init.zeros_)
+    torch.testing.assert_close(Q, torch.eye(4))
+
+
+def test_uniform_sample_assigns_as_in_geotorch() -> None:
+    layer = registered("orthogonal")
+    Q = constraint_of(layer).sample("uniform")
+    layer.weight = Q
+    torch.testing.assert_close(layer.weight, Q, atol=1e3 * torch.finfo(Q.dtype).eps, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda c: c.sample("haar"), ValueError, "'uniform', 'torus'"),
+        (lambda c: c.sample("torus", distribution="torus"), TypeError, "twice"),
+        (lambda c: c.sample((3, 3), init_=nn.init.zeros_), ValueError, "torus"),
+    ],
+)
+def test_bad_distribution_arguments(
+    call: Callable[[Orthogonal], object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        call(Orthogonal())
+
+
+@pytest.mark.parametrize("f", ["sin", "tanh", "scaled_sigmoid", (torch.tanh, torch.atanh)])
+def test_almost_orthogonal_f_keeps_the_singular_values_in_the_interval(f: object) -> None:
+    layer = tether.almost_orthogonal(nn.Linear(5, 4).double(), "weight", 0.5, f)  # type: ignore[arg-type]
+    with torch.no_grad():
+        layer.parametrizations.weight.original1.mul_(10.0)
+    sigma = torch.linalg.svdvals(layer.weight)
+    eps = torch.finfo(sigma.dtype).eps
+    assert bool(((sigma >= 0.5 - 10 * eps) & (sigma <= 1.5 + 10 * eps)).all())
+
+
+@pytest.mark.parametrize("f", ["sin", "tanh", "scaled_sigmoid"])
+def test_almost_orthogonal_f_sets_a_member(f: str) -> None:
+    constraint = AlmostOrthogonal(0.5, f)
+    X = constraint.sample((4, 3), dtype=torch.float64)
+    layer = nn.Linear(3, 4, bias=False).double()
+    tether.register_parametrization(layer, "weight", constraint)
+    layer.weight = X
+    torch.testing.assert_close(layer.weight, X, atol=1e4 * torch.finfo(X.dtype).eps, rtol=0)
+
+
+@pytest.mark.parametrize("f", ["relu", torch.tanh, 3])
+def test_almost_orthogonal_f_refused_lists_the_choices(f: object) -> None:
+    with pytest.raises(ValueError, match="'sin', 'tanh', 'scaled_sigmoid'"):
+        AlmostOrthogonal(0.1, f)  # type: ignore[arg-type]
+
+
+def test_fixed_rank_f_softplus_is_the_default_map() -> None:
+    layer = tether.fixed_rank(nn.Linear(4, 4).double(), "weight", 2, "softplus")
+    assert int(torch.linalg.matrix_rank(layer.weight)) == 2
+
+
+def test_fixed_rank_other_f_is_refused() -> None:
+    with pytest.raises(ValueError, match="'softplus'"):
+        tether.fixed_rank(nn.Linear(4, 4), "weight", 2, "sigmoid")
+
+
+@pytest.mark.parametrize("function", [tether.low_rank, tether.fixed_rank, tether.psd_low_rank])
+def test_missing_rank_is_a_type_error(function: Callable[..., nn.Module]) -> None:
+    with pytest.raises(TypeError, match="missing required argument 'rank'"):
+        function(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        tether.orthogonal,
+        tether.special_orthogonal,
+        tether.grassmannian,
+        tether.low_rank,
+        tether.fixed_rank,
+        tether.almost_orthogonal,
+        tether.positive_definite,
+        tether.sphere,
+        tether.bounded,
+        tether.symmetric,
+    ],
+)
+def test_helpers_document_their_arguments(function: Callable[..., nn.Module]) -> None:
+    assert "Args:\n        module:" in (function.__doc__ or "")
