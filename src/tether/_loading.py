@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._checks import describe, expect_finite, expect_same_shape, where
-from tether._parametrization_list import ParametrizationList, _restore, plists_of
+from tether._parametrization_list import ParametrizationList, SavedState, _restore, plists_of
 
 __all__ = ["prepare"]
 
@@ -45,7 +45,7 @@ def prepare(
     """
     plists = plists_of(module)
     problems: list[str] = []
-    computed: list[tuple[ParametrizationList, tuple[Tensor, ...], list[tuple[Tensor, Tensor]]]] = []
+    computed: list[tuple[ParametrizationList, tuple[Tensor, ...], SavedState]] = []
     plain: list[str] = []
     for name, plist in plists.items():
         key = prefix + name

@@ -21,7 +21,7 @@ from tether._checks import (
     expect_tensors,
 )
 
-__all__ = ["ParametrizationList", "not_scriptable", "plists_of"]
+__all__ = ["ParametrizationList", "SavedState", "not_scriptable", "plists_of", "save_state"]
 
 _Parameter = nn.Parameter
 
@@ -342,10 +342,9 @@ class ParametrizationList(nn.ModuleList):
                 _set_in_place(dest, src, copy=not self.unsafe)
         _cache.invalidate(self)
 
-    def _save_state(self) -> list[tuple[Tensor, Tensor]]:
-        """Copies of the parametrizations' own parameters and buffers, for :func:`_restore`."""
-        with torch.no_grad():
-            return [(t, t.clone()) for m in self for t in (*m.parameters(), *m.buffers())]
+    def _save_state(self) -> SavedState:
+        """The parametrizations' own parameters and buffers, for :func:`_restore`."""
+        return save_state(self)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -356,11 +355,34 @@ class ParametrizationList(nn.ModuleList):
         raise not_scriptable(self, self.label)
 
 
-def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
-    """Put back the values :meth:`ParametrizationList._save_state` copied."""
+#: Each parameter and buffer of some modules: the dictionary holding it, its name, the
+#: tensor and a copy of its values.
+SavedState = list[tuple[dict[str, Any], str, Tensor, Tensor]]
+
+
+def save_state(module: nn.Module) -> SavedState:
+    """The parameters and buffers of ``module`` and its submodules, for :func:`_restore`.
+
+    A ``right_inverse`` may write into its parametrization's tensors in place (a norm) or
+    rebind them (a base point of another dtype): both are undone.
+    """
     with torch.no_grad():
-        for tensor, copy in saved:
-            tensor.copy_(copy)
+        return [
+            (tensors, name, tensor, tensor.clone())
+            for m in module.modules()
+            for tensors in (m._parameters, m._buffers)
+            for name, tensor in tensors.items()
+            if tensor is not None
+        ]
+
+
+def _restore(saved: SavedState) -> None:
+    """Put back the tensors and values :func:`save_state` recorded."""
+    with torch.no_grad():
+        for tensors, name, tensor, copy in saved:
+            tensors[name] = tensor
+            if tensor.shape == copy.shape and tensor.dtype == copy.dtype:
+                tensor.copy_(copy)
 
 
 def plists_of(module: nn.Module) -> dict[str, ParametrizationList]:

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,10 @@ from tether._classes import is_shared_class, parametrized_class
 from tether._parametrization_list import (
     ParametrizationList,
     _register,
+    _restore,
     _set_in_place,
     plists_of,
+    save_state,
 )
 
 __all__ = [
@@ -262,7 +264,7 @@ def _check_appended(
         context = f"Cannot parametrize {label}"
         inverse = getattr(parametrization, "right_inverse", None)
         if inverse is not None:
-            saved = _state_of(parametrization)
+            saved = save_state(parametrization)
             try:
                 restored = call_labelled(inverse, current, context, label)
             except NotImplementedError:
@@ -275,7 +277,7 @@ def _check_appended(
                 #     parametrization tether does what PyTorch does: forward on the current
                 #     value, then right_inverse on the result (keeping what it stores); its
                 #     refusal is reported only if forward fails too.
-                _restore_state(saved)
+                _restore(saved)
                 refusal, restored = error, current
             if refusal is None:
                 if isinstance(restored, (tuple, list)):
@@ -309,31 +311,9 @@ def _check_appended(
             except NotImplementedError:
                 return
             except Exception:
-                _restore_state(saved)
+                _restore(saved)
                 raise
             _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
-
-
-_State = list[tuple[dict[str, Any], str, Tensor, Tensor]]
-
-
-def _state_of(parametrization: nn.Module) -> _State:
-    """Each parameter and buffer of ``parametrization`` (and its submodules), with a copy."""
-    return [
-        (tensors, name, tensor, tensor.detach().clone())
-        for m in parametrization.modules()
-        for tensors in (m._parameters, m._buffers)
-        for name, tensor in tensors.items()
-        if tensor is not None
-    ]
-
-
-def _restore_state(saved: _State) -> None:
-    """Undo what a failed ``right_inverse`` wrote, in place or by rebinding a tensor."""
-    for tensors, name, tensor, copy in saved:
-        tensors[name] = tensor
-        if tensor.shape == copy.shape and tensor.dtype == copy.dtype:
-            tensor.copy_(copy)
 
 
 def _check_like(reference: Tensor, value: object, what: str, fix: str) -> None:
