@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
+import types
 from collections.abc import Callable
 
 import pytest
@@ -676,12 +677,21 @@ def test_torch_session_names_each_block_of_torch_cached():
     assert second is not first
 
 
+@pytest.mark.parametrize("missing", ["_cache_enabled", "_cache"])
+def test_a_torch_without_the_names_of_cached_gets_a_stand_in(missing):
+    names = {"_cache_enabled": 0, "_cache": {}}
+    del names[missing]
+    assert _cache._torch_flags(types.SimpleNamespace(**names)) is _cache._WithoutTorchCache
+    assert _cache._torch_flags(torch_parametrize) is torch_parametrize
+
+
 def test_without_torchs_flag_tether_reads_uncached(monkeypatch):
     layer, counter = make_layer()
-    monkeypatch.delattr(torch_parametrize, "_cache_enabled")
-    assert _cache.torch_session() is None
-    first = layer.weight
-    assert layer.weight is not first
+    monkeypatch.setattr(_cache, "torch_parametrize", _cache._WithoutTorchCache)
+    with torch_parametrize.cached():
+        assert _cache.torch_session() is None
+        first = layer.weight
+        assert layer.weight is not first
     assert counter.calls == 2
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "leave",
     "leave_tracing",
     "lookup",
+    "torch_parametrize",
     "torch_session",
     "tracing",
 ]
@@ -124,6 +125,25 @@ class _Values(dict[nn.Module, dict[Context, Tensor]]):
 _live: weakref.WeakValueDictionary[int, _Values] = weakref.WeakValueDictionary()
 
 
+class _WithoutTorchCache:
+    """Stands for ``torch.nn.utils.parametrize`` in a torch without the names of Note
+    [torch's cached()]: its ``cached()`` is then never seen as active."""
+
+    _cache_enabled = 0
+    _cache = None
+
+
+def _torch_flags(module: Any) -> Any:
+    """``module`` if it has the names of Note [torch's cached()], else a stand-in."""
+    if hasattr(module, "_cache_enabled") and hasattr(module, "_cache"):
+        return module
+    return _WithoutTorchCache
+
+
+#: What the getter reads ``_cache_enabled`` from: one attribute read on the uncached path.
+torch_parametrize: Any = _torch_flags(_torch_parametrize)
+
+
 def torch_session() -> object | None:
     """The session of ``torch.nn.utils.parametrize.cached()`` now active, or None.
 
@@ -131,10 +151,8 @@ def torch_session() -> object | None:
     differs between two blocks (Note [torch's cached()]). If a later torch renames the names
     read here, it returns None: tether then works without honouring torch's block.
     """
-    try:
-        return _torch_parametrize._cache if _torch_parametrize._cache_enabled else None
-    except AttributeError:
-        return None
+    owner = torch_parametrize
+    return owner._cache if owner._cache_enabled else None
 
 
 # Note [The cache under torch.compile]

@@ -120,7 +120,7 @@ def _tensor_property(name: str) -> property:
         if (
             _cache.active_threads
             or _cache.tracing is not None
-            or _cache.torch_session() is not None
+            or _cache.torch_parametrize._cache_enabled
         ):
             return _cache.lookup(plist)
         return plist.forward()
