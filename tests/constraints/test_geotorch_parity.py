@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 import tether
-from tether.constraints import AlmostOrthogonal, Constraint, Orthogonal, SpecialOrthogonal
+from tether.constraints import (
+    AlmostOrthogonal,
+    Constraint,
+    Orthogonal,
+    Skew,
+    SpecialOrthogonal,
+    Symmetric,
+)
 
 Register = Callable[[nn.Module], nn.Module]
 
@@ -243,3 +250,13 @@ def test_missing_rank_is_a_type_error(function: Callable[..., nn.Module]) -> Non
 )
 def test_helpers_document_their_arguments(function: Callable[..., nn.Module]) -> None:
     assert "Args:\n        module:" in (function.__doc__ or "")
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (1, 3), (4,)])
+@pytest.mark.parametrize("constraint", [Skew, Symmetric])
+def test_subspace_called_on_a_non_square_tensor_raises(
+    constraint: type[Constraint], shape: tuple[int, ...]
+) -> None:
+    # geotorch's Skew()(X) and Symmetric()(X) refuse it; a (1, 3) X once broadcast to (3, 3).
+    with pytest.raises(ValueError, match=r"square matrix"):
+        constraint()(torch.rand(shape))

@@ -80,6 +80,8 @@ class Symmetric(_Subspace):
     _owner = "symmetric()"
 
     def forward(self, X: Tensor) -> Tensor:
+        # Called directly, a non-square X would broadcast against its transpose: (1, 3) -> (3, 3).
+        self.check_shape(X.shape, "the input")
         return symmetric_part(X)
 
     def _complement(self, X: Tensor) -> Tensor:
@@ -111,6 +113,8 @@ class Skew(_Subspace):
     _owner = "skew()"
 
     def forward(self, X: Tensor) -> Tensor:
+        # Called directly, a non-square X would broadcast against its transpose: (1, 3) -> (3, 3).
+        self.check_shape(X.shape, "the input")
         return skew_part(X)
 
     def _complement(self, X: Tensor) -> Tensor:
