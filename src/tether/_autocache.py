@@ -12,6 +12,7 @@ from torch import nn
 
 from tether import _cache
 from tether._checks import describe
+from tether._torch_compat import forward_hooks, forward_hooks_always_called, forward_pre_hooks
 
 __all__ = ["autocache"]
 
@@ -90,7 +91,7 @@ def _leave(module: nn.Module, args: Any, output: Any) -> None:
 
 
 def _has_hooks(model: nn.Module) -> bool:
-    return any(hook is _enter for hook in model._forward_pre_hooks.values())
+    return any(hook is _enter for hook in forward_pre_hooks(model).values())
 
 
 def autocache(model: M, enabled: bool = True) -> M:
@@ -157,9 +158,10 @@ def autocache(model: M, enabled: bool = True) -> M:
             model.register_forward_pre_hook(_enter, prepend=True)
             model.register_forward_hook(_leave, always_call=True)
         return model
-    for key in [k for k, hook in model._forward_pre_hooks.items() if hook is _enter]:
-        del model._forward_pre_hooks[key]
-    for key in [k for k, hook in model._forward_hooks.items() if hook is _leave]:
-        del model._forward_hooks[key]
-        model._forward_hooks_always_called.pop(key, None)
+    pre_hooks, hooks = forward_pre_hooks(model), forward_hooks(model)
+    for key in [k for k, hook in pre_hooks.items() if hook is _enter]:
+        del pre_hooks[key]
+    for key in [k for k, hook in hooks.items() if hook is _leave]:
+        del hooks[key]
+        forward_hooks_always_called(model).pop(key, None)
     return model

@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.utils.parametrize as _torch_parametrize
 from torch import Tensor, nn
+
+from tether import _torch_compat
 
 __all__ = [
     "active_threads",
@@ -76,8 +77,8 @@ active_threads = 0
 #     under them are not cached either.
 #
 #     The backward position and the hooks are read from private functions of torch, looked
-#     up once at import (:func:`_private`); were one renamed, nothing is cached (slower,
-#     never wrong), and tests/test_cache.py fails.
+#     up once at import in tether._torch_compat; were one renamed, nothing is cached
+#     (slower, never wrong), and tests/test_torch_compat.py fails.
 
 # Note [torch's cached()]
 #     ``torch.nn.utils.parametrize.cached()`` counts its nesting in the module-level integer
@@ -93,8 +94,8 @@ active_threads = 0
 #     one block are never served in the next, after an optimizer step. Until that read (or
 #     the thread's end) they stay alive, with the old session's dictionary, as a tensor
 #     returned by the block would. Both names are private to torch: :func:`torch_session`
-#     reads them, guarded, and a test fails if a later torch renames them (tether then
-#     ignores torch's block).
+#     reads them, guarded in tether._torch_compat, and a test fails if a later torch renames
+#     them (tether then ignores torch's block).
 
 _lock = threading.Lock()
 # Bumped by every invalidation: a value computed while a write happened is not stored, so a
@@ -125,23 +126,8 @@ class _Values(dict[nn.Module, dict[Context, Tensor]]):
 _live: weakref.WeakValueDictionary[int, _Values] = weakref.WeakValueDictionary()
 
 
-class _WithoutTorchCache:
-    """Stands for ``torch.nn.utils.parametrize`` in a torch without the names of Note
-    [torch's cached()]: its ``cached()`` is then never seen as active."""
-
-    _cache_enabled = 0
-    _cache = None
-
-
-def _torch_flags(module: Any) -> Any:
-    """``module`` if it has the names of Note [torch's cached()], else a stand-in."""
-    if hasattr(module, "_cache_enabled") and hasattr(module, "_cache"):
-        return module
-    return _WithoutTorchCache
-
-
 #: What the getter reads ``_cache_enabled`` from: one attribute read on the uncached path.
-torch_parametrize: Any = _torch_flags(_torch_parametrize)
+torch_parametrize: Any = _torch_compat.torch_parametrize
 
 
 def torch_session() -> object | None:
@@ -328,25 +314,15 @@ def _autocast(device_type: str) -> object:
     return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
 
 
-def _absent(*args: object) -> None:
-    """Stands for a private function of torch that this torch does not have."""
-
-
-def _private(path: str) -> Callable[..., Any]:
-    """torch's private function at ``path``, or :func:`_absent` if this torch has none."""
-    owner: Any = torch
-    for name in path.split(".")[1:]:
-        owner = getattr(owner, name, None)
-    return owner if callable(owner) else _absent
-
-
-# Private to torch, hence looked up once here, guarded (Note [The cache key]).
-_saved_tensors_hooks = _private("torch._C._autograd._top_saved_tensors_default_hooks")
-_graph_task_id = _private("torch._C._current_graph_task_id")
-_autograd_node = _private("torch._C._current_autograd_node")
-_any_autocast = _private("torch._C._is_any_autocast_enabled")
-#: Whether this torch has all of them; if not, nothing is cached rather than risk a wrong key.
-keyable = _absent not in (_saved_tensors_hooks, _graph_task_id, _autograd_node, _any_autocast)
+# Private to torch, guarded in tether._torch_compat (Note [The cache key]); bound to names
+# of this module because lookup() is the path of every cached read.
+_saved_tensors_hooks = _torch_compat.saved_tensors_hooks
+_graph_task_id = _torch_compat.graph_task_id
+_autograd_node = _torch_compat.autograd_node
+_any_autocast = _torch_compat.any_autocast_enabled
+#: Whether this torch has the first three; if not, nothing is cached rather than risk a wrong
+#: key (without the fourth, the per-device query answers instead).
+keyable = _torch_compat.has_autograd_state
 _grad_enabled = torch.is_grad_enabled
 _inference_mode = torch.is_inference_mode_enabled
 

@@ -19,6 +19,8 @@ from typing import Any, SupportsIndex
 import torch
 from torch import Tensor, nn
 
+from tether import _torch_compat
+
 __all__ = [
     "bad_dtype",
     "bad_shape",
@@ -173,7 +175,7 @@ def _readable(value: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(value)
+    return not _torch_compat.is_functorch_wrapped_tensor(value)
 
 
 def bad_dtype(

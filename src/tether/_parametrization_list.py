@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from tether import _cache, _distributed
 from tether._checks import (
@@ -20,6 +19,7 @@ from tether._checks import (
     expect_tensor,
     expect_tensors,
 )
+from tether._torch_compat import is_traceable_wrapper_subclass
 
 __all__ = ["ParametrizationList", "SavedState", "not_scriptable", "plists_of", "save_state"]
 

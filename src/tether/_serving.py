@@ -35,25 +35,16 @@ from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
 from torch import Tensor
-from torch.nn.utils import stateless
-from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 
-from tether import _cache
+from tether import _cache, _torch_compat
 from tether._parametrization_list import ParametrizationList
 
 __all__ = ["serving", "swap_from_functional_call"]
 
-_SWAP_DICT = NamedMemberAccessor.swap_tensors_dict.__code__
-
-
-def _code_of_reparametrize() -> CodeType | None:
-    # Private to torch: if a version renames it, functional_call falls back to assigning
-    # through right_inverse, as torch's parametrize does, and tests/test_func.py fails.
-    function = getattr(getattr(stateless, "_reparametrize_module", None), "__wrapped__", None)
-    return getattr(function, "__code__", None)
-
-
-_REPARAMETRIZE = _code_of_reparametrize()
+# Private to torch (tether._torch_compat): if a version renames either, they are None and
+# functional_call falls back to assigning through right_inverse, as torch's parametrize does.
+_SWAP_DICT: CodeType | None = _torch_compat.swap_tensors_dict_code
+_REPARAMETRIZE: CodeType | None = _torch_compat.reparametrize_module_code
 # Frames between the setter and swap_tensors_dict: the property, Module.__setattr__, tether's
 # __setattr__, a base class's own __setattr__ or two, swap_tensor, the accessor's swap_tensor.
 _MAX_DEPTH = 12
@@ -107,6 +98,8 @@ def serving(plist: ParametrizationList, value: Tensor) -> Iterator[None]:
 
 def _functional_call_frames() -> tuple[FrameType, FrameType] | None:
     """The ``_reparametrize_module`` and ``swap_tensors_dict`` frames above, if any."""
+    if _SWAP_DICT is None or _REPARAMETRIZE is None:
+        return None
     frame: FrameType | None = sys._getframe(2)
     for _ in range(_MAX_DEPTH):
         if frame is None:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tether._torch_compat import weight_norm
+
 __all__ = [
     "largest_singular_value",
     "norm_except_dim",
@@ -63,7 +65,8 @@ def weight_normalize(g: Tensor, v: Tensor, dim: int | None = 0) -> Tensor:
         >>> torch.allclose(weight_normalize(norm_except_dim(W, 0), W, 0), W)
         True
     """
-    return torch._weight_norm(v, g, _whole_if_none(dim))
+    out: Tensor = weight_norm(v, g, _whole_if_none(dim))
+    return out
 
 
 def _mv(W: Tensor, x: Tensor) -> Tensor:

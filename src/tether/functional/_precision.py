@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from tether._torch_compat import any_autocast_enabled
+
 __all__ = [
     "autocast_enabled",
     "compute_dtype",
@@ -149,10 +151,10 @@ def autocast_enabled(device: Tensor | str) -> bool:
         ...     autocast_enabled(torch.ones(1)), autocast_enabled("meta")
         (True, False)
     """
-    # torch._C._is_any_autocast_enabled, one call for all device types, is about ten times
-    # cheaper than the per-device query, and answers the usual case (autocast off) before
+    # One call for all device types (private to torch, see tether._torch_compat), about ten
+    # times cheaper than the per-device query, answers the usual case (autocast off) before
     # the tensor's device is even looked up.
-    if not torch._C._is_any_autocast_enabled():
+    if not any_autocast_enabled():
         return False
     device_type = device if isinstance(device, str) else device.device.type
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

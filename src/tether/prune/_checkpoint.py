@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from tether._parametrization_list import plists_of
+from tether._torch_compat import hook_function, load_state_dict_pre_hooks
 from tether.prune._mask import find_mask
 
 __all__ = ["drop_torch_keys_hook", "ensure_torch_keys_hook", "load_torch_keys"]
@@ -55,19 +56,18 @@ def load_torch_keys(
 
 
 def _is_ours(hook: object) -> bool:
-    return getattr(hook, "hook", None) is load_torch_keys
+    return hook_function(hook) is load_torch_keys
 
 
 def ensure_torch_keys_hook(module: nn.Module) -> None:
     """Register :func:`load_torch_keys` on ``module`` unless it is there already."""
-    # torch keeps the hooks in a private dict and offers no lookup; it wraps each in an object
-    # whose ``hook`` attribute is the function registered.
-    if not any(_is_ours(hook) for hook in module._load_state_dict_pre_hooks.values()):
+    # torch keeps the hooks in a private dict and offers no lookup (tether._torch_compat).
+    if not any(_is_ours(hook) for hook in load_state_dict_pre_hooks(module).values()):
         module.register_load_state_dict_pre_hook(load_torch_keys)  # type: ignore[no-untyped-call]  # untyped in torch
 
 
 def drop_torch_keys_hook(module: nn.Module) -> None:
     """Remove :func:`load_torch_keys` from ``module`` (its last pruned tensor was removed)."""
-    hooks = module._load_state_dict_pre_hooks
+    hooks = load_state_dict_pre_hooks(module)
     for key in [key for key, hook in hooks.items() if _is_ours(hook)]:
         del hooks[key]
