@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -12,11 +13,28 @@ from torch import nn
 import tether
 from tether.constraints import (
     AlmostOrthogonal,
+    Bounded,
     Constraint,
+    FixedRank,
+    Grassmannian,
+    Hurwitz,
+    Invertible,
+    LowRank,
     Orthogonal,
+    PoincareBall,
+    Positive,
+    PositiveDefinite,
+    PositiveSemidefinite,
+    PSDFixedRank,
+    PSDLowRank,
+    Simplex,
     Skew,
+    SpecialLinear,
     SpecialOrthogonal,
+    SpectralNorm,
+    Sphere,
     Symmetric,
+    register_constraint,
 )
 
 Register = Callable[[nn.Module], nn.Module]
@@ -260,3 +278,144 @@ def test_subspace_called_on_a_non_square_tensor_raises(
     # geotorch's Skew()(X) and Symmetric()(X) refuse it; a (1, 3) X once broadcast to (3, 3).
     with pytest.raises(ValueError, match=r"square matrix"):
         constraint()(torch.rand(shape))
+
+
+# size=, as geotorch's classes take it: every constraint class (SpectralNorm is built from
+# the weight itself), with a size it takes and one it has no member of.
+Build = Callable[..., Constraint]
+SIZED: dict[str, tuple[Build, tuple[int, ...], tuple[int, ...]]] = {
+    "Orthogonal": (Orthogonal, (7, 3), (3,)),
+    "SpecialOrthogonal": (SpecialOrthogonal, (4, 4), (4, 3)),
+    "Grassmannian": (Grassmannian, (6, 4), (6,)),
+    "LowRank": (lambda **kw: LowRank(2, **kw), (4, 6), (1, 6)),
+    "FixedRank": (lambda **kw: FixedRank(2, **kw), (4, 6), (4, 1)),
+    "AlmostOrthogonal": (lambda **kw: AlmostOrthogonal(0.5, **kw), (5, 5), (5,)),
+    "PositiveDefinite": (PositiveDefinite, (4, 4), (4, 3)),
+    "PositiveSemidefinite": (PositiveSemidefinite, (4, 4), (4, 3)),
+    "PSDLowRank": (lambda **kw: PSDLowRank(2, **kw), (4, 4), (1, 1)),
+    "PSDFixedRank": (lambda **kw: PSDFixedRank(2, **kw), (4, 4), (4, 3)),
+    "Invertible": (Invertible, (4, 4), (4, 3)),
+    "SpecialLinear": (SpecialLinear, (4, 4), (4, 3)),
+    "Hurwitz": (Hurwitz, (4, 4), (4, 3)),
+    "Symmetric": (Symmetric, (4, 4), (4, 3)),
+    "Skew": (Skew, (2, 4, 4), (4, 3)),
+    "Positive": (Positive, (3, 4), (3, 0)),
+    "Bounded": (lambda **kw: Bounded(-1.0, 2.0, **kw), (3, 4), (0,)),
+    "Simplex": (Simplex, (3, 4), ()),
+    "Sphere": (Sphere, (3, 4), (0, 4)),
+    "PoincareBall": (PoincareBall, (3, 4), ()),
+}
+
+
+def test_every_constraint_class_is_tried_with_size() -> None:
+    classes = {
+        name
+        for name in tether.constraints.__all__
+        if isinstance(cls := getattr(tether.constraints, name), type)
+        and issubclass(cls, Constraint)
+        and cls not in (Constraint, SpectralNorm)
+    }
+    assert classes == set(SIZED)
+
+
+@pytest.mark.parametrize("name", SIZED)
+def test_sample_after_size_draws_a_member_of_that_size(name: str) -> None:
+    build, size, _ = SIZED[name]
+    constraint = build(size=size)
+    X = constraint.sample(dtype=torch.float64)
+    assert X.shape == size
+    assert constraint.in_manifold(X)
+
+
+@pytest.mark.parametrize("name", SIZED)
+def test_impossible_size_raises_at_construction(name: str) -> None:
+    build, _, bad = SIZED[name]
+    with pytest.raises(ValueError, match=re.escape(f"size={bad}")):
+        build(size=bad)
+
+
+@pytest.mark.parametrize("name", SIZED)
+def test_registering_on_another_shape_names_both(name: str) -> None:
+    build, size, _ = SIZED[name]
+    other = tuple(d + 1 for d in size)
+    module = nn.Module()
+    module.weight = nn.Parameter(torch.randn(other, dtype=torch.float64))
+    expected = rf"size={re.escape(str(size))}.*Module\.weight has shape {re.escape(str(other))}"
+    with pytest.raises(ValueError, match=expected):
+        register_constraint(module, "weight", build(size=size))
+
+
+@pytest.mark.parametrize("name", SIZED)
+def test_registering_on_the_size_keeps_working(name: str) -> None:
+    build, size, _ = SIZED[name]
+    module = nn.Module()
+    module.weight = nn.Parameter(build(size=size).sample(dtype=torch.float64))
+    register_constraint(module, "weight", build(size=size))
+    assert constraint_of(module).sample().shape == size
+
+
+def test_register_parametrization_with_another_shape_names_both() -> None:
+    with pytest.raises(ValueError, match=r"size=\(7, 3\).*has shape \(4, 4\)"):
+        tether.register_parametrization(nn.Linear(4, 4), "weight", Orthogonal(size=(7, 3)))
+
+
+def test_sample_of_a_shape_overrides_size() -> None:
+    assert Orthogonal(size=(7, 3)).sample((3, 5)).shape == (3, 5)
+
+
+# lower=: geotorch's triangle maps. Its defaults build from the lower triangle; tether's
+# default (lower=None) stays the projection.
+def triangle_map(kind: str, lower: bool, X: torch.Tensor) -> torch.Tensor:
+    T = X.tril(-1) if lower else X.triu(1)
+    D = torch.diag_embed(X.diagonal(dim1=-2, dim2=-1))
+    return T - T.mT if kind == "skew" else T + T.mT + D
+
+
+SUBSPACES = {"skew": Skew, "symmetric": Symmetric}
+
+
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("kind", SUBSPACES)
+def test_lower_builds_from_one_triangle(kind: str, lower: bool) -> None:
+    X = torch.randn(2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(SUBSPACES[kind](lower)(X), triangle_map(kind, lower, X))
+
+
+@pytest.mark.parametrize("kind", SUBSPACES)
+def test_lower_none_is_the_projection(kind: str) -> None:
+    X = torch.randn(4, 4, dtype=torch.float64)
+    sign = -1 if kind == "skew" else 1
+    torch.testing.assert_close(SUBSPACES[kind]()(X), (X + sign * X.T) / 2)
+
+
+@pytest.mark.parametrize("lower", [None, True, False])
+@pytest.mark.parametrize("kind", SUBSPACES)
+def test_lower_sets_a_complex_member_exactly(kind: str, lower: bool | None) -> None:
+    layer = nn.Module()
+    layer.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.complex128))
+    helper = tether.skew if kind == "skew" else tether.symmetric
+    helper(layer, lower=lower)
+    constraint = constraint_of(layer)
+    assert isinstance(constraint, (Skew, Symmetric))
+    assert constraint.lower is lower
+    A = constraint.sample()
+    layer.weight = A
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(layer.weight, A, atol=10 * eps, rtol=0)
+    assert constraint.in_manifold(constraint(torch.randn(4, 4, dtype=torch.complex128)))
+
+
+@pytest.mark.parametrize("kind", SUBSPACES)
+def test_lower_leaves_the_other_triangle_of_the_original_out(kind: str) -> None:
+    layer = SUBSPACES[kind](lower=True)
+    X = torch.randn(4, 4, requires_grad=True)
+    layer(X).square().sum().backward()
+    assert X.grad is not None
+    assert torch.equal(X.grad.triu(1), torch.zeros(4, 4))
+    assert int(X.grad.tril(-1).count_nonzero()) == 6
+
+
+@pytest.mark.parametrize("kind", SUBSPACES)
+def test_lower_of_another_type_is_refused(kind: str) -> None:
+    with pytest.raises(TypeError, match=r"lower=None.*got 'yes'"):
+        SUBSPACES[kind]("yes")  # type: ignore[arg-type]

@@ -99,6 +99,21 @@ class Constraint(nn.Module, abc.ABC):
     State that ``right_inverse`` leaves in buffers is stored in the tensor's dtype, like
     ``module.to()`` would; ``forward`` casts such a buffer to the dtype of its
     input before use.
+
+    Every constraint takes an optional keyword-only ``size``, the shape of the tensor it
+    will constrain (geotorch's classes take it first: ``Stiefel(size=(7, 3))``). The size is
+    checked when the constraint is built (the ``ValueError`` registration would raise), and
+    :meth:`sample` draws that shape before registration; registering on a tensor of another
+    shape then raises a ``ValueError`` naming both. Subclasses with their own ``__init__``
+    take ``size`` and pass it on; the check runs once the outermost ``__init__`` returns.
+
+    Args:
+        size: the shape of the tensor the constraint will constrain, e.g. ``(7, 3)``.
+
+    Example:
+        >>> from tether.constraints import Orthogonal
+        >>> Orthogonal(size=(7, 3)).sample().shape
+        torch.Size([7, 3])
     """
 
     supports_complex: bool = True
@@ -106,9 +121,25 @@ class Constraint(nn.Module, abc.ABC):
     # draws without arguments. Set by register_constraint and right_inverse; kept up to date
     # by module.to() through _apply.
     _target: tuple[torch.Size, torch.dtype, torch.device] | None = None
+    # The size= the constraint was built with: what sample() draws before registration, and
+    # the only shape it can be registered on.
+    _size: torch.Size | None = None
+
+    def __init__(self, *, size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if size is not None:
+            self._size = torch.Size(size)
+
+    def _check_size(self) -> None:
+        """Raise the ``ValueError`` of registration if the ``size=`` built with has no member."""
+        if self._size is not None:
+            self.check_shape(self._size, f"size={tuple(self._size)}")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _checks_size(init)  # type: ignore[method-assign]
         for name, wrap in _IN_COMPUTE_DTYPE.items():
             method = cls.__dict__.get(name)
             if method is not None:
@@ -138,7 +169,8 @@ class Constraint(nn.Module, abc.ABC):
 
         Without ``shape`` on a registered constraint, a member like the tensor it constrains:
         its shape, dtype and device (as geotorch's ``sample()``), ready to assign with
-        ``module.weight = constraint.sample()``. ``dtype`` and ``device`` default to that
+        ``module.weight = constraint.sample()``. Before registration, the ``size=`` the
+        constraint was built with. ``dtype`` and ``device`` default to the registered
         tensor's too, or to torch's defaults for a constraint never registered.
 
         Args:
@@ -149,7 +181,8 @@ class Constraint(nn.Module, abc.ABC):
             generator: the random number generator to draw with.
 
         Raises:
-            TypeError: no ``shape`` on a constraint that was never registered.
+            TypeError: no ``shape`` on a constraint built without ``size=`` and never
+                registered.
             ValueError: the set has no member of this shape or dtype.
 
         Example:
@@ -177,10 +210,13 @@ class Constraint(nn.Module, abc.ABC):
             dtype = target_dtype if dtype is None else dtype
             device = target_device if device is None else device
         if shape is None:
+            shape = self._size
+        if shape is None:
             raise TypeError(
-                f"{type(self).__name__}.sample() needs a shape: this constraint was never "
-                "registered on a tensor, so there is no shape to draw for. Pass one, e.g. "
-                "sample((4, 4)), or register the constraint first."
+                f"{type(self).__name__}.sample() needs a shape: this constraint was built "
+                "without size= and never registered on a tensor, so there is no shape to "
+                "draw for. Pass one, e.g. sample((4, 4)), build it with size=(4, 4), or "
+                "register the constraint first."
             )
         stored = torch.get_default_dtype() if dtype is None else dtype
         self.check_dtype(stored)
@@ -202,8 +238,19 @@ class Constraint(nn.Module, abc.ABC):
             f"{type(self).__name__} does not define _draw(shape, draw): it cannot sample."
         )
 
-    def _record_target(self, X: Tensor) -> None:
-        """Remember ``X``'s shape, dtype and device: what :meth:`sample` draws by default."""
+    def _record_target(self, X: Tensor, label: str = "the assigned value") -> None:
+        """Remember ``X``'s shape, dtype and device: what :meth:`sample` draws by default.
+
+        Raises a ``ValueError`` naming ``label`` if the constraint was built with a
+        ``size=`` other than ``X``'s shape.
+        """
+        if self._size is not None and X.shape != self._size:
+            name = type(self).__name__
+            raise ValueError(
+                f"{name} was built with size={tuple(self._size)}, but {label} has shape "
+                f"{tuple(X.shape)}. Build it with size={tuple(X.shape)} (or without size=) "
+                "to constrain this tensor."
+            )
         self._target = (X.shape, X.dtype, X.device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Constraint:
@@ -256,6 +303,25 @@ def _store_state(constraint: nn.Module, computed: torch.dtype, stored: torch.dty
 
 
 Method = Callable[..., Any]
+
+
+def _checks_size(init: Method) -> Method:
+    """``init``, then :meth:`Constraint._check_size` if it was the outermost ``__init__``.
+
+    A subclass's ``__init__`` calls its parent's first and sets what ``check_shape`` needs
+    (a rank, a dim) after: the size can only be checked once the last one returns.
+    """
+
+    @functools.wraps(init)
+    def wrapper(self: Constraint, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if type(self).__init__ is wrapper:
+            self._check_size()
+
+    return wrapper
+
+
+Constraint.__init__ = _checks_size(Constraint.__init__)  # type: ignore[method-assign]
 
 
 def _forward_in_compute_dtype(forward: Method) -> Method:
@@ -347,5 +413,5 @@ def register_constraint(module: M, name: str, constraint: Constraint) -> M:
     if isinstance(tensor, Tensor):
         constraint.check_dtype(tensor.dtype, where(module, name))
         constraint.check_shape(tensor.shape, where(module, name))
-        constraint._record_target(tensor)
+        constraint._record_target(tensor, where(module, name))
     return register_parametrization(module, name, constraint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, TypeVar
 
 import torch
@@ -41,6 +41,7 @@ class Positive(Constraint):
 
     Args:
         map: ``"softplus"`` or ``"exp"``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``map`` is not a string.
@@ -55,8 +56,10 @@ class Positive(Constraint):
 
     supports_complex = False
 
-    def __init__(self, map: Literal["softplus", "exp"] = "softplus") -> None:
-        super().__init__()
+    def __init__(
+        self, map: Literal["softplus", "exp"] = "softplus", *, size: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(size=size)
         self.map = choice(map, "map", tuple(_POSITIVE_MAPS), "positive()")
         self._map, self._inverse = _POSITIVE_MAPS[self.map]
 
@@ -93,6 +96,7 @@ class Bounded(Constraint):
     Args:
         low: the lower end, a finite number.
         high: the upper end, a finite number above ``low``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``low`` or ``high`` is not a real number.
@@ -107,8 +111,8 @@ class Bounded(Constraint):
 
     supports_complex = False
 
-    def __init__(self, low: float, high: float) -> None:
-        super().__init__()
+    def __init__(self, low: float, high: float, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self.low = real_number(low, "low", "bounded()")
         self.high = real_number(high, "high", "bounded()")
         if not self.low < self.high:
@@ -159,6 +163,7 @@ class Simplex(Constraint):
 
     Args:
         dim: the dimension along which slices sum to 1.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``dim`` is not an int.
@@ -172,8 +177,8 @@ class Simplex(Constraint):
 
     supports_complex = False
 
-    def __init__(self, dim: int = -1) -> None:
-        super().__init__()
+    def __init__(self, dim: int = -1, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self.dim = int_dim(dim, "simplex()")
 
     def forward(self, X: Tensor) -> Tensor:

@@ -58,6 +58,9 @@ class Hurwitz(Constraint):
     distance to the closure for normal matrices, an upper bound otherwise). Samples are
     Ginibre matrices (i.i.d. ``N(0, 1/n)`` entries) shifted to spectral abscissa ``-1``.
 
+    Args:
+        size: the shape it will constrain, optional (see :class:`Constraint`).
+
     Raises:
         ValueError: at registration or assignment, the tensor is not square, or a member is
             too close to the imaginary axis to be set accurately.

@@ -110,6 +110,9 @@ class Invertible(Constraint):
     ``n · eps(dtype) · σ₁``, the threshold of ``torch.linalg.matrix_rank``), so singular
     matrices are not members.
 
+    Args:
+        size: the shape it will constrain, optional (see :class:`Constraint`).
+
     Raises:
         ValueError: at registration or assignment, the tensor is not square, or a matrix is
             singular (``det X = 0``: it has no reflection).
@@ -124,8 +127,8 @@ class Invertible(Constraint):
     _owner = "invertible()"
     supports_complex = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self._triangular: Callable[[Tensor], Tensor] = positive_triangular
         self._triangular_inverse: Callable[[Tensor], Tensor] = positive_triangular_inverse
 
@@ -194,6 +197,9 @@ class SpecialLinear(Invertible):
     are :class:`Invertible`'s scaled to ``det = 1``. :meth:`distance` is ``|log det X|`` where
     ``det X > 0`` and ``inf`` elsewhere.
 
+    Args:
+        size: the shape it will constrain, optional (see :class:`Constraint`).
+
     Raises:
         ValueError: at registration or assignment, the tensor is not square, or a matrix is
             singular.
@@ -207,8 +213,8 @@ class SpecialLinear(Invertible):
 
     _owner = "special_linear()"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self._triangular = _centred_triangular
         self._triangular_inverse = _centred_triangular_inverse
 
@@ -252,6 +258,7 @@ class AlmostOrthogonal(_Factored):
             of callables ``(f, f_inverse)`` acting elementwise (keep them module-level
             functions for the model to pickle). A single callable, which geotorch accepts, is
             refused: registration sets the weight through the inverse.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``lam`` is not a real number.
@@ -273,8 +280,14 @@ class AlmostOrthogonal(_Factored):
 
     _owner = "almost_orthogonal()"
 
-    def __init__(self, lam: float = 0.1, f: str | tuple[Scalar, Scalar] = "sin") -> None:
-        super().__init__()
+    def __init__(
+        self,
+        lam: float = 0.1,
+        f: str | tuple[Scalar, Scalar] = "sin",
+        *,
+        size: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(size=size)
         self.lam = _radius(lam, self._owner)
         self.f = f
         self._f, self._f_inverse, self._closed = _almost_orthogonal_map(f, self._owner)

@@ -105,6 +105,7 @@ class LowRank(_Factored):
 
     Args:
         rank: ``r``, a positive int; at registration it must not exceed ``min(n, k)``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``rank`` is not an int.
@@ -126,8 +127,8 @@ class LowRank(_Factored):
 
     _owner = "low_rank()"
 
-    def __init__(self, rank: int) -> None:
-        super().__init__()
+    def __init__(self, rank: int, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self.rank = _rank_argument(rank, self._owner)
 
     def _rank(self, shape: Sequence[int]) -> int:
@@ -184,6 +185,7 @@ class FixedRank(LowRank):
         f: the map onto the singular values, as geotorch's ``f``: only ``"softplus"``
             (``eps + softplus``, geotorch's default) is offered.
         eps: the floor of the singular values, positive (default ``1e-6``, as geotorch).
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``rank`` is not an int, or ``eps`` not a real number.
@@ -201,8 +203,15 @@ class FixedRank(LowRank):
 
     _owner = "fixed_rank()"
 
-    def __init__(self, rank: int, f: str = "softplus", *, eps: float = 1e-6) -> None:
-        super().__init__(rank)
+    def __init__(
+        self,
+        rank: int,
+        f: str = "softplus",
+        *,
+        eps: float = 1e-6,
+        size: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(rank, size=size)
         if not (isinstance(f, str) and f in _FIXED_RANK_MAPS):
             raise ValueError(
                 f"{self._owner}: `f` must be 'softplus' (eps + softplus on the singular "

@@ -121,6 +121,7 @@ class Orthogonal(Constraint):
         orthogonal_map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"``.
         use_trivialization: keep a base point (see above). Without it, assignment works only
             for ``"householder"``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     References:
         Trivializations for Gradient-Based Optimization on Manifolds. Mario Lezcano-Casado,
@@ -137,9 +138,13 @@ class Orthogonal(Constraint):
     base: Tensor | None
 
     def __init__(
-        self, orthogonal_map: OrthogonalMap = "matrix_exp", *, use_trivialization: bool = True
+        self,
+        orthogonal_map: OrthogonalMap = "matrix_exp",
+        *,
+        use_trivialization: bool = True,
+        size: Sequence[int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(size=size)
         if orthogonal_map not in _MAPS:
             raise ValueError(
                 f"orthogonal_map must be one of {', '.join(repr(m) for m in _MAPS)}; "
@@ -344,6 +349,7 @@ class SpecialOrthogonal(Orthogonal):
 
     Args:
         orthogonal_map: ``"matrix_exp"`` or ``"cayley"``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Example:
         >>> import torch, tether
@@ -354,13 +360,18 @@ class SpecialOrthogonal(Orthogonal):
 
     supports_complex = False
 
-    def __init__(self, orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp") -> None:
+    def __init__(
+        self,
+        orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp",
+        *,
+        size: Sequence[int] | None = None,
+    ) -> None:
         if orthogonal_map not in ("matrix_exp", "cayley"):
             raise ValueError(
                 f"special_orthogonal() supports orthogonal_map 'matrix_exp' or 'cayley'; "
                 f"got {orthogonal_map!r}."
             )
-        super().__init__(orthogonal_map, use_trivialization=True)
+        super().__init__(orthogonal_map, use_trivialization=True, size=size)
 
     def _base_for(self, tall: Tensor) -> Tensor:
         base = _complete(tall)
@@ -406,6 +417,7 @@ class Grassmannian(Orthogonal):
 
     Args:
         orthogonal_map: ``"matrix_exp"`` or ``"cayley"``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Example:
         >>> import torch, tether
@@ -415,13 +427,18 @@ class Grassmannian(Orthogonal):
         True
     """
 
-    def __init__(self, orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp") -> None:
+    def __init__(
+        self,
+        orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp",
+        *,
+        size: Sequence[int] | None = None,
+    ) -> None:
         if orthogonal_map not in ("matrix_exp", "cayley"):
             raise ValueError(
                 f"grassmannian() supports orthogonal_map 'matrix_exp' or 'cayley'; "
                 f"got {orthogonal_map!r}."
             )
-        super().__init__(orthogonal_map, use_trivialization=True)
+        super().__init__(orthogonal_map, use_trivialization=True, size=size)
 
     def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
         group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley

@@ -135,6 +135,7 @@ class PositiveDefinite(Constraint):
 
     Args:
         map: ``"matrix_exp"`` or ``"softplus"``, see above.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         ValueError: ``map`` is not one of the above, or the tensor is not square.
@@ -154,8 +155,10 @@ class PositiveDefinite(Constraint):
         True
     """
 
-    def __init__(self, map: PositiveDefiniteMap = "matrix_exp") -> None:
-        super().__init__()
+    def __init__(
+        self, map: PositiveDefiniteMap = "matrix_exp", *, size: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(size=size)
         if map not in _MAPS:  # a ValueError whatever the type, as documented
             needs = f"one of {', '.join(repr(m) for m in _MAPS)}"
             raise bad_value("positive_definite()", "map", needs, map)
@@ -209,6 +212,9 @@ class PositiveSemidefinite(Constraint):
     an orthogonal ``B ↦ B U``, a symmetry the optimizer does not see. geotorch's ``PSSD`` is
     the same set, parametrized by eigenvalues ``|λ|`` on an orthogonal frame.
 
+    Args:
+        size: the shape it will constrain, optional (see :class:`Constraint`).
+
     Raises:
         ValueError: the tensor is not square, shape ``(*, n, n)``.
 
@@ -249,8 +255,8 @@ class _PSDOfRank(Constraint):
 
     _function: str  # the registering function; messages add the rank: psd_low_rank(rank=2)
 
-    def __init__(self, rank: int) -> None:
-        super().__init__()
+    def __init__(self, rank: int, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self.rank = _rank_argument(rank, f"{self._function}()")
 
     def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
@@ -289,6 +295,7 @@ class PSDLowRank(_PSDOfRank):
 
     Args:
         rank: ``r``, with ``1 <= r <= n``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``rank`` is not an int.
@@ -344,6 +351,7 @@ class PSDFixedRank(_PSDOfRank):
 
     Args:
         rank: ``r``, with ``1 <= r <= n``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``rank`` is not an int.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TypeVar
 
 import torch
@@ -42,6 +43,7 @@ class Sphere(Constraint):
         radius: the norm, a positive number.
         dim: the dimensions the norm runs over: ``None`` (the whole tensor), an int or a
             tuple of distinct ints.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``radius`` is not a real number or ``dim`` not an int, tuple or None.
@@ -54,8 +56,10 @@ class Sphere(Constraint):
         True
     """
 
-    def __init__(self, radius: float = 1.0, *, dim: Dim = None) -> None:
-        super().__init__()
+    def __init__(
+        self, radius: float = 1.0, *, dim: Dim = None, size: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(size=size)
         self.radius = positive_number(radius, "radius", "sphere()")
         self.dim = dims(dim, "sphere()")
 
@@ -121,6 +125,7 @@ class PoincareBall(Constraint):
     Args:
         c: the curvature magnitude, a positive number; the ball's radius is ``1/√c``.
         dim: the dimensions a point spans: an int, a tuple of distinct ints or ``None``.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``c`` is not a real number or ``dim`` not an int, tuple or None.
@@ -140,8 +145,8 @@ class PoincareBall(Constraint):
         True
     """
 
-    def __init__(self, c: float = 1.0, *, dim: Dim = -1) -> None:
-        super().__init__()
+    def __init__(self, c: float = 1.0, *, dim: Dim = -1, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
         self.c = positive_number(c, "c", "poincare_ball()")
         self.dim = dims(dim, "poincare_ball()")
 

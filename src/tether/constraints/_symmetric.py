@@ -23,18 +23,52 @@ class _Subspace(Constraint):
 
     The projection is its own right inverse, and the part of ``X`` it removes
     (:meth:`_complement`) measures the distance to the set. Subclasses give both projections.
+    With ``lower`` set, ``forward`` first copies one strict triangle of ``X`` onto the other
+    (:meth:`_from_triangle`), so that only that triangle and the diagonal are used, as in
+    geotorch.
     """
 
     _owner: str  # the registering function, which starts error messages
+
+    def __init__(self, lower: bool | None = None, *, size: Sequence[int] | None = None) -> None:
+        super().__init__(size=size)
+        if lower not in (None, True, False):
+            raise TypeError(
+                f"{self._owner} takes lower=None (the projection), True (the lower triangle) "
+                f"or False (the upper one); got {lower!r}."
+            )
+        self.lower = lower
+
+    @abc.abstractmethod
+    def _project(self, X: Tensor) -> Tensor:
+        """The orthogonal projection of ``X`` onto the set."""
 
     @abc.abstractmethod
     def _complement(self, X: Tensor) -> Tensor:
         """The projection of ``X`` onto the orthogonal complement of the set."""
 
+    def forward(self, X: Tensor) -> Tensor:
+        # Called directly, a non-square X would broadcast against its transpose: (1, 3) -> (3, 3).
+        self.check_shape(X.shape, "the input")
+        return self._project(X if self.lower is None else self._from_triangle(X))
+
+    def _from_triangle(self, X: Tensor) -> Tensor:
+        """``X``'s chosen strict triangle doubled, its diagonal kept, the other triangle zero.
+
+        Its projection is that triangle mirrored (conjugated) onto the other, with the real
+        (symmetric) or imaginary (skew) part of the diagonal.
+        """
+        if self.lower:
+            return X.tril() + X.tril(-1)
+        return X.triu() + X.triu(1)
+
     @torch.no_grad()
     def right_inverse(self, X: Tensor) -> Tensor:
         self.check_shape(X.shape, "the assigned value")
-        return self.forward(X)
+        member = self._project(X)
+        if self.lower is None:
+            return member
+        return member.tril() if self.lower else member.triu()
 
     def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """The projection of a standard Gaussian ``G``, ``(G ± Gᴴ) / 2``.
@@ -43,7 +77,7 @@ class _Subspace(Constraint):
         """
         self.check_shape(shape, "the sample")
         G = torch.randn(tuple(shape), **draw.kwargs)
-        return self.forward(G)
+        return self._project(G)
 
     def distance(self, X: Tensor) -> Tensor:
         """The Frobenius norm of the part of ``X`` outside the set: the distance to it."""
@@ -51,6 +85,9 @@ class _Subspace(Constraint):
 
     def check_shape(self, shape: Sequence[int], label: str) -> None:
         check_square(self._owner, label, shape)
+
+    def extra_repr(self) -> str:
+        return "" if self.lower is None else f"lower={self.lower}"
 
 
 class Symmetric(_Subspace):
@@ -65,7 +102,15 @@ class Symmetric(_Subspace):
     Choose it for quadratic forms, Hessian-like weights and undirected couplings; use
     :class:`PositiveSemidefinite` or :class:`PositiveDefinite` when the sign of the form
     matters too. Like ``geotorch.symmetric``, with the projection instead of geotorch's copy
-    of the lower triangle, which scales the gradient of off-diagonal entries by two.
+    of the lower triangle, which scales the gradient of off-diagonal entries by two. For
+    geotorch's map, pass ``lower=True`` (geotorch's default): the weight is the original's
+    lower triangle and diagonal mirrored, and ``right_inverse`` stores the lower triangle of
+    the projection (zeros above).
+
+    Args:
+        lower: ``None`` (the default) for the projection, which uses both triangles;
+            ``True`` to build the matrix from the lower triangle, ``False`` from the upper.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         ValueError: the tensor is not square, shape ``(*, n, n)``.
@@ -79,9 +124,7 @@ class Symmetric(_Subspace):
 
     _owner = "symmetric()"
 
-    def forward(self, X: Tensor) -> Tensor:
-        # Called directly, a non-square X would broadcast against its transpose: (1, 3) -> (3, 3).
-        self.check_shape(X.shape, "the input")
+    def _project(self, X: Tensor) -> Tensor:
         return symmetric_part(X)
 
     def _complement(self, X: Tensor) -> Tensor:
@@ -98,7 +141,14 @@ class Skew(_Subspace):
 
     Choose it for generators of rotations (``matrix_exp`` of a skew matrix is orthogonal),
     antisymmetric couplings and conservative dynamics (``dx/dt = A x`` keeps ``|x|``). Like
-    ``geotorch.skew``, with the projection instead of a copy of the lower triangle.
+    ``geotorch.skew``, with the projection instead of a copy of the lower triangle; pass
+    ``lower=True`` (geotorch's default) for ``L - Lᴴ``, ``L`` the original's strict lower
+    triangle (the imaginary part of the diagonal kept for complex tensors).
+
+    Args:
+        lower: ``None`` (the default) for the projection, which uses both triangles;
+            ``True`` to build the matrix from the lower triangle, ``False`` from the upper.
+        size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         ValueError: the tensor is not square, shape ``(*, n, n)``.
@@ -112,21 +162,21 @@ class Skew(_Subspace):
 
     _owner = "skew()"
 
-    def forward(self, X: Tensor) -> Tensor:
-        # Called directly, a non-square X would broadcast against its transpose: (1, 3) -> (3, 3).
-        self.check_shape(X.shape, "the input")
+    def _project(self, X: Tensor) -> Tensor:
         return skew_part(X)
 
     def _complement(self, X: Tensor) -> Tensor:
         return symmetric_part(X)
 
 
-def symmetric(module: M, name: str = "weight") -> M:
+def symmetric(module: M, name: str = "weight", *, lower: bool | None = None) -> M:
     """Constrain ``module.<name>`` to symmetric (Hermitian) matrices: see :class:`Symmetric`.
 
     Args:
         module: the module holding the tensor.
         name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+        lower: ``None`` (the default) for the projection; ``True`` (geotorch's default) to
+            build the matrix from the lower triangle, ``False`` from the upper one.
 
     Example:
         >>> import torch, tether
@@ -134,15 +184,17 @@ def symmetric(module: M, name: str = "weight") -> M:
         >>> torch.equal(W, W.T)
         True
     """
-    return register_constraint(module, name, Symmetric())
+    return register_constraint(module, name, Symmetric(lower))
 
 
-def skew(module: M, name: str = "weight") -> M:
+def skew(module: M, name: str = "weight", *, lower: bool | None = None) -> M:
     """Constrain ``module.<name>`` to skew-symmetric (skew-Hermitian) matrices: see :class:`Skew`.
 
     Args:
         module: the module holding the tensor.
         name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+        lower: ``None`` (the default) for the projection; ``True`` (geotorch's default) to
+            build the matrix from the lower triangle, ``False`` from the upper one.
 
     Example:
         >>> import torch, tether
@@ -150,4 +202,4 @@ def skew(module: M, name: str = "weight") -> M:
         >>> torch.equal(W, -W.T)
         True
     """
-    return register_constraint(module, name, Skew())
+    return register_constraint(module, name, Skew(lower))
