@@ -139,6 +139,7 @@ def spawned(rank: int, world: int, init_file: str, args: argparse.Namespace) -> 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train(rank, world, args)
+        dist.barrier()  # see the torchrun branch of main()
     finally:
         dist.destroy_process_group()
 
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("gloo")  # rendezvous from torchrun's environment variables
         try:
             train(dist.get_rank(), dist.get_world_size(), args)
+            # Every process is done communicating before any tears its group down: a process
+            # whose peer still sends while gloo's threads are destroyed can abort at exit.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         return
