@@ -43,6 +43,7 @@ __all__ = [
     "parameter_assigned",
     "positive_number",
     "real_number",
+    "required_rank",
     "where",
 ]
 
@@ -73,6 +74,20 @@ def parameter_assigned(module: nn.Module, tensor_name: str) -> KeyError:
         "right_inverse; to share or replace the Parameter (weight tying, fusing), do it before "
         f"registering, or call tether.remove_parametrizations(module, {tensor_name!r}) first."
     )
+
+
+def required_rank(rank: int | None, function: str) -> int:
+    """``rank`` if given, else the ``TypeError`` Python raises for a missing argument.
+
+    The rank helpers take ``rank`` after ``name``, which has a default, so that geotorch's
+    positional ``low_rank(module, "weight", 2)`` works: ``None`` stands for "not given".
+    """
+    if rank is None:
+        raise TypeError(
+            f"{function}() missing required argument 'rank': pass it, e.g. "
+            f"{function}(module, rank=2) or {function}(module, 'weight', 2)."
+        )
+    return rank
 
 
 def _is_torch_parametrized(module: nn.Module) -> bool:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import pickle
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tether
+from tests.copies import ROUNDTRIPS
 from tether import prune
 from tether.prune._base import merge
 
@@ -534,18 +533,7 @@ def test_pruning_then_another_parametrization_and_pruning_again():
 # --- pickling, copying, compiling, caching, training ----------------------------------------------
 
 
-def roundtrip_pickle(model: nn.Module) -> nn.Module:
-    return pickle.loads(pickle.dumps(model))
-
-
-def roundtrip_torch_save(model: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
-@pytest.mark.parametrize("roundtrip", [roundtrip_pickle, copy.deepcopy, roundtrip_torch_save])
+@pytest.mark.parametrize("roundtrip", ROUNDTRIPS.values(), ids=ROUNDTRIPS.keys())
 def test_pruned_models_pickle_copy_and_stay_prunable(roundtrip):
     net = network()
     prune.global_unstructured(pairs_of(net), prune.L1Unstructured, amount=0.5)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tether._checks import bad_shape, bad_type, bad_value
+from tether._checks import bad_shape, bad_type, bad_value, required_rank
 from tether.constraints._base import Constraint, Draw, gaussian_matrix, register_constraint
 from tether.functional import factored, orthonormalize, softplus_inverse, truncated_svd
 from tether.functional._precision import upcast
@@ -266,7 +266,7 @@ def low_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
         >>> int(torch.linalg.matrix_rank(layer.weight))
         1
     """
-    return register_constraint(module, name, LowRank(_required_rank(rank, "low_rank")))
+    return register_constraint(module, name, LowRank(required_rank(rank, "low_rank")))
 
 
 def fixed_rank(
@@ -305,7 +305,7 @@ def fixed_rank(
         4
     """
     return register_constraint(
-        module, name, FixedRank(_required_rank(rank, "fixed_rank"), f, eps=eps)
+        module, name, FixedRank(required_rank(rank, "fixed_rank"), f, eps=eps)
     )
 
 
@@ -321,16 +321,6 @@ def has_numerical_rank(X: Tensor, rank: int) -> bool:
     sigma = torch.linalg.svdvals(upcast(X))
     threshold = max(X.shape[-2:]) * torch.finfo(X.dtype).eps * sigma[..., :1]
     return bool((sigma[..., rank - 1 : rank] > threshold).all())
-
-
-def _required_rank(rank: int | None, function: str) -> int:
-    # rank comes after name, which has a default: None stands for "not given".
-    if rank is None:
-        raise TypeError(
-            f"{function}() missing required argument 'rank': pass it, e.g. "
-            f"{function}(module, rank=2) or {function}(module, 'weight', 2)."
-        )
-    return rank
 
 
 def _rank_argument(rank: object, owner: str) -> int:

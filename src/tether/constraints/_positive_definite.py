@@ -8,7 +8,7 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from tether._checks import bad_shape, bad_type, bad_value, check_square
+from tether._checks import bad_shape, bad_type, bad_value, check_square, required_rank
 from tether.constraints._base import Constraint, Draw, register_constraint, worst
 from tether.functional import (
     fixed_rank_psd,
@@ -429,12 +429,7 @@ def psd_low_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
     Returns:
         ``module``.
     """
-    if rank is None:
-        raise TypeError(
-            "psd_low_rank() missing required argument 'rank': pass it, e.g. "
-            "psd_low_rank(module, rank=2) or psd_low_rank(module, 'weight', 2)."
-        )
-    return register_constraint(module, name, PSDLowRank(rank))
+    return register_constraint(module, name, PSDLowRank(required_rank(rank, "psd_low_rank")))
 
 
 def psd_fixed_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
@@ -451,9 +446,4 @@ def psd_fixed_rank(module: M, name: str = "weight", rank: int | None = None) -> 
     Returns:
         ``module``.
     """
-    if rank is None:
-        raise TypeError(
-            "psd_fixed_rank() missing required argument 'rank': pass it, e.g. "
-            "psd_fixed_rank(module, rank=2) or psd_fixed_rank(module, 'weight', 2)."
-        )
-    return register_constraint(module, name, PSDFixedRank(rank))
+    return register_constraint(module, name, PSDFixedRank(required_rank(rank, "psd_fixed_rank")))
