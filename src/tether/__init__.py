@@ -45,6 +45,7 @@ from tether.constraints._weight_norm import weight_norm as weight_norm
 from tether.parametrize import FunctionParametrization as FunctionParametrization
 from tether.parametrize import ParametrizationList as ParametrizationList
 from tether.parametrize import cached as cached
+from tether.parametrize import chains as chains
 from tether.parametrize import is_parametrized as is_parametrized
 from tether.parametrize import register_parametrization as register_parametrization
 from tether.parametrize import remove_parametrizations as remove_parametrizations
@@ -62,6 +63,7 @@ __all__ = [
     "autocache",
     "bounded",
     "cached",
+    "chains",
     "constraints",
     "fixed_rank",
     "functional",

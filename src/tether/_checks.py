@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tether import _torch_compat
+from tether._chains import class_before
 
 __all__ = [
     "bad_dtype",
@@ -50,13 +51,7 @@ __all__ = [
 
 def where(module: nn.Module, tensor_name: str) -> str:
     """Name a tensor of a module for a message, e.g. ``"Linear.weight"``."""
-    cls = type(module)
-    base = getattr(cls, "_tether_base", None)  # getattr: FSDP2 subclasses tether's class again
-    if base is not None:
-        cls = base
-    elif _is_torch_parametrized(module):
-        cls = cls.__bases__[0]
-    return f"{cls.__name__}.{tensor_name}"
+    return f"{class_before(module).__name__}.{tensor_name}"
 
 
 def parameter_assigned(module: nn.Module, tensor_name: str) -> KeyError:
@@ -88,10 +83,6 @@ def required_rank(rank: int | None, function: str) -> int:
             f"{function}(module, rank=2) or {function}(module, 'weight', 2)."
         )
     return rank
-
-
-def _is_torch_parametrized(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("_modules", {}).get("parametrizations"), nn.ModuleDict)
 
 
 def describe(value: object) -> str:

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tether._chains import chains_of, original_names
 from tether._checks import describe, expect_finite, expect_same_shape, where
-from tether._parametrization_list import ParametrizationList, SavedState, _restore, plists_of
+from tether._parametrization_list import ParametrizationList, Plan
 
 __all__ = ["prepare"]
 
@@ -43,18 +44,17 @@ def prepare(
     failure, the problems are added to ``errors`` (``load_state_dict`` raises them) and the
     module's entries are replaced by its current tensors, so that loading changes nothing.
     """
-    plists = plists_of(module)
+    plists = chains_of(module)
     problems: list[str] = []
-    computed: list[tuple[ParametrizationList, tuple[Tensor, ...], SavedState]] = []
+    planned: list[tuple[ParametrizationList, Plan]] = []
     plain: list[str] = []
     for name, plist in plists.items():
         key = prefix + name
         block = f"{prefix}parametrizations.{name}."
         if key in state_dict and not any(k.startswith(block) for k in state_dict):
             plain.append(name)
-            saved = plist._save_state()
             try:
-                computed.append((plist, _inverse(plist, state_dict.pop(key), assign), saved))
+                planned.append((plist, _plan(plist, state_dict.pop(key), assign)))
             except (TypeError, ValueError, RuntimeError) as error:
                 problems.append(f"While loading {key!r} through right_inverse: {error}")
         else:
@@ -62,13 +62,13 @@ def prepare(
     problems += _own_problems(module, state_dict, prefix)
 
     if problems:
-        for _, _, saved in computed:
-            _restore(saved)  # what the right inverses wrote into their parametrizations
+        for plist, plan in planned:
+            plist.rollback(plan)  # what the right inverses wrote into their parametrizations
         errors += problems
         _keep_current(module, state_dict, prefix, plain)
         return
-    for plist, results, _ in computed:
-        plist._store(results)
+    for plist, plan in planned:
+        plist.commit(plan)
     for name in plain:
         block = f"{prefix}parametrizations.{name}."
         for child_key, tensor in plists[name].state_dict().items():
@@ -78,7 +78,7 @@ def prepare(
             _derive_missing_state(plist, state_dict, f"{prefix}parametrizations.{name}.")
 
 
-def _inverse(plist: ParametrizationList, value: Any, assign: bool) -> tuple[Tensor, ...]:
+def _plan(plist: ParametrizationList, value: Any, assign: bool) -> Plan:
     if isinstance(value, Tensor):
         first = plist.originals()[0]
         if assign and first.is_meta:
@@ -89,12 +89,16 @@ def _inverse(plist: ParametrizationList, value: Any, assign: bool) -> tuple[Tens
         value = value.to(device=first.device)
         if plist.is_tensor and value.is_floating_point() and first.is_floating_point():
             value = value.to(dtype=first.dtype)
-    results = plist._inverse(value)
+    plan = plist.plan(value)
     # Loading never resizes a tensor, not even under unsafe=True (assignment may).
-    for original, result in zip(plist.originals(), results, strict=True):
-        what = f"{plist.label} would get originals of another shape."
-        expect_same_shape(original.shape, result.shape, what, _FIX_SHAPE)
-    return results
+    try:
+        for original, result in zip(plist.originals(), plan.originals, strict=True):
+            what = f"{plist.label} would get originals of another shape."
+            expect_same_shape(original.shape, result.shape, what, _FIX_SHAPE)
+    except ValueError:
+        plist.rollback(plan)
+        raise
+    return plan
 
 
 def _derive_missing_state(
@@ -106,7 +110,7 @@ def _derive_missing_state(
         return
     first = block + "0."
     missing = [key for key in plist[0].state_dict() if first + key not in state_dict]
-    names = ["original"] if plist.is_tensor else [f"original{i}" for i in range(plist.ntensors)]
+    names = original_names(plist)
     if not missing or any(block + n not in state_dict for n in names):
         return
     # On the device the originals will have: a meta original is replaced (assign=True).
@@ -128,8 +132,8 @@ def _originals_problems(
     plist: ParametrizationList, state_dict: dict[str, Any], block: str
 ) -> list[str]:
     problems = []
-    for i, original in enumerate(plist.originals()):
-        key = block + ("original" if plist.is_tensor else f"original{i}")
+    for name, original in zip(original_names(plist), plist.originals(), strict=True):
+        key = block + name
         if key in state_dict:
             what = f"Cannot load {plist.label} from {key!r}"
             problem = _shape_problem(original, state_dict[key], what)
@@ -184,7 +188,7 @@ def _keep_current(
     for name, tensor in _own_tensors(module):
         if prefix + name in state_dict:
             state_dict[prefix + name] = tensor
-    for name, plist in plists_of(module).items():
+    for name, plist in chains_of(module).items():
         block = f"{prefix}parametrizations.{name}."
         for child_key, tensor in plist.state_dict(keep_vars=True).items():
             if name in plain or block + child_key in state_dict:

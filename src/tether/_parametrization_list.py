@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from tether import _cache, _distributed
+from tether import _cache, _chains, _distributed
 from tether._checks import (
     call_labelled,
     expect_arity,
@@ -21,7 +20,15 @@ from tether._checks import (
 )
 from tether._torch_compat import is_traceable_wrapper_subclass
 
-__all__ = ["ParametrizationList", "SavedState", "not_scriptable", "plists_of", "save_state"]
+__all__ = [
+    "ParametrizationList",
+    "Plan",
+    "SavedState",
+    "not_scriptable",
+    "plists_of",
+    "restore_state",
+    "save_state",
+]
 
 _Parameter = nn.Parameter
 
@@ -89,6 +96,32 @@ def _register(module: nn.Module, name: str, tensor: Tensor) -> None:
         module.register_buffer(name, tensor)
 
 
+#: Each parameter and buffer of some modules: the dictionary holding it, its name, the
+#: tensor and a copy of its values.
+SavedState = list[tuple[dict[str, Any], str, Tensor, Tensor]]
+
+
+class Plan(NamedTuple):
+    """Originals computed for a value by :meth:`ParametrizationList.plan`, not yet written.
+
+    ``saved`` is the parametrizations' own state from before their right inverses ran (they may
+    write a norm or a base point): :meth:`ParametrizationList.rollback` puts it back.
+    """
+
+    originals: tuple[Tensor, ...]
+    saved: SavedState
+
+
+class _Serve:
+    """Stands for the chain's ``forward`` while a value is served: returns it unchanged."""
+
+    def __init__(self, value: Tensor | None) -> None:
+        self.value = value
+
+    def __call__(self, *args: Any) -> Tensor | None:
+        return self.value
+
+
 class ParametrizationList(nn.ModuleList):
     """The parametrizations of one tensor, in order, and the original tensor(s) they act on.
 
@@ -100,6 +133,9 @@ class ParametrizationList(nn.ModuleList):
 
     It is built by :func:`tether.register_parametrization`; users do not instantiate it.
 
+    Every write goes through it, so that it can drop its own entries from the caches
+    (Note [Writers of a chain]).
+
     Args:
         modules: the parametrizations, first applied first.
         original: the parameter or buffer being parametrized. With one original it keeps its
@@ -107,6 +143,25 @@ class ParametrizationList(nn.ModuleList):
         unsafe: allow the chain to change the shape or dtype of the tensor.
         label: how error messages name the tensor, e.g. ``"Linear.weight"``.
     """
+
+    # Note [Writers of a chain]
+    #     A cached read serves the chain's value until something writes, so every write must
+    #     drop the chain from the caches, and a path that forgot to would serve a stale weight,
+    #     silently. The chain therefore drops its entries itself, on each kind of write:
+    #
+    #     - assignment and loading: ``plan`` computes the new originals (running the right
+    #       inverses backwards, checked, nothing written but the parametrizations' own state),
+    #       then ``commit`` writes them or ``rollback`` undoes that state; several chains
+    #       (a whole ``load_state_dict``) plan first and commit together, all or nothing;
+    #     - a replaced original (transfer, ``load_state_dict(assign=True)``, pruning) through
+    #       ``__setattr__``, and a parametrization added or removed through the list methods;
+    #     - a value served in place of the chain's (``functional_call``, resets): ``serve``
+    #       and ``stop_serving``;
+    #     - anything else that changes what ``forward`` computes without passing through here
+    #       (a pruning mask updated in place, an averaged copy re-expressed): ``changed()``.
+    #
+    #     Optimizer steps write into the originals in place and do not notify: a cache lives
+    #     for one ``cached()`` block (one forward pass), between steps.
 
     original: Tensor
     unsafe: bool
@@ -127,57 +182,76 @@ class ParametrizationList(nn.ModuleList):
         self.unsafe = unsafe
         self.label = label or "the parametrized tensor"
         self._shape: torch.Size | None = original.shape
-
         # Nothing is written until every check has passed, so a failed registration leaves the
         # original tensor untouched.
-        with torch.no_grad():
-            new: object = original
-            context = f"Cannot parametrize {self.label}"
-            for module in reversed(self):
-                inverse = getattr(module, "right_inverse", None)
-                if inverse is not None:
-                    if new is original:
-                        fix = (
-                            "Give it finite values first, e.g. with the layer's reset_parameters()."
-                        )
-                        expect_finite(original, context, fix)
-                    # NotImplementedError means "no right inverse": keep the value as it is.
-                    with contextlib.suppress(NotImplementedError):
-                        new = call_labelled(inverse, new, context, self.label)
-        originals = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
-        self.is_tensor = isinstance(originals, Tensor)
-        originals = (originals,) if isinstance(originals, Tensor) else originals
+        originals = self._initial_originals(original)
+        if not unsafe:
+            with torch.no_grad():
+                context = f"Cannot parametrize {self.label}"
+                value = call_labelled(self._evaluate, originals, context, self.label)
+            self._check_value(value, original)
+        self._adopt(original, originals)
+
+    def _initial_originals(self, original: Tensor) -> tuple[Tensor, ...]:
+        """The originals for ``original``'s value, checked against it; sets ``is_tensor``."""
+        context = f"Cannot parametrize {self.label}"
+        fix = "Give it finite values first, e.g. with the layer's reset_parameters()."
+        if any(getattr(module, "right_inverse", None) is not None for module in self):
+            expect_finite(original, context, fix)
+        new = self._run_backwards(original, context, registering=True)
+        self.is_tensor = isinstance(new, Tensor)
+        originals = (new,) if isinstance(new, Tensor) else new
         self.ntensors = len(originals)
         expect_arity(self[0], self.ntensors, self.label)
         if self.is_tensor:
             fix = "A right_inverse that returns one tensor must keep the original's dtype."
-            expect_same_dtype(
-                original.dtype,
-                originals[0].dtype,
-                f"right_inverse changed the dtype of {self.label}.",
-                fix,
-            )
+            what = f"right_inverse changed the dtype of {self.label}."
+            expect_same_dtype(original.dtype, originals[0].dtype, what, fix)
             if originals[0].device != original.device:
                 raise ValueError(
                     f"right_inverse moved {self.label} to another device.\n"
                     f"  expected device: {original.device}\n  got device:      "
                     f"{originals[0].device}\nReturn a tensor on the original's device."
                 )
-        if not unsafe:
-            with torch.no_grad():
-                value = call_labelled(self._evaluate, originals, context, self.label)
-            self._check_value(value, original)
+        return originals
 
+    def _adopt(self, original: Tensor, originals: tuple[Tensor, ...]) -> None:
+        """Register the originals: ``original`` itself (its data replaced) when there is one."""
         if self.is_tensor:
             with torch.no_grad():
                 _set_in_place(original, originals[0])
             _register(self, "original", original)
-        else:
-            for i, tensor in enumerate(originals):
-                if isinstance(original, nn.Parameter):
-                    tensor = nn.Parameter(tensor, original.requires_grad)
-                tensor.requires_grad_(original.requires_grad)
-                _register(self, f"original{i}", tensor)
+            return
+        for i, tensor in enumerate(originals):
+            if isinstance(original, nn.Parameter):
+                tensor = nn.Parameter(tensor, original.requires_grad)
+            tensor.requires_grad_(original.requires_grad)
+            _register(self, f"original{i}", tensor)
+
+    def _run_backwards(
+        self, value: Tensor, context: str, *, registering: bool
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Run each ``right_inverse`` from the last parametrization to the first, on ``value``.
+
+        When registering, a parametrization without one (or whose ``right_inverse`` raises
+        ``NotImplementedError``) passes the value on unchanged, as torch's parametrize does;
+        when assigning, every parametrization must have one (checked by :meth:`plan`).
+        """
+        new: object = value
+        with torch.no_grad():
+            for i, module in enumerate(reversed(self)):
+                inverse = getattr(module, "right_inverse", None)
+                if inverse is None:
+                    continue
+                if i > 0:  # only the first parametrization's right_inverse may return several
+                    what = f"right_inverse of {type(self[len(self) - i]).__name__} on {self.label}"
+                    new = expect_tensor(new, what, "Return a tensor.")
+                try:
+                    new = call_labelled(inverse, new, context, self.label)
+                except NotImplementedError:
+                    if not registering:
+                        raise
+        return expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
 
     def _check_value(self, value: object, original: Tensor) -> None:
         fix = "Keep shape and dtype in forward, or register with unsafe=True."
@@ -199,23 +273,24 @@ class ParametrizationList(nn.ModuleList):
             fix,
         )
 
-    def _parametrized_shape(self) -> torch.Size:
-        """The shape of the parametrized tensor, recomputed after an original was replaced."""
+    def parametrized_shape(self) -> torch.Size:
+        """The shape of the parametrized tensor (evaluated once after an original was replaced)."""
         if self._shape is None:
             with torch.no_grad():
                 self._shape = self().shape
         return self._shape
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("original"):  # transfer, load_state_dict(assign=True), pruning
+        replaced = name.startswith("original")  # transfer, load_state_dict(assign=True), pruning
+        if replaced:
             self.__dict__["_shape"] = None
         super().__setattr__(name, value)
+        if replaced:
+            self.changed()
 
     def originals(self) -> tuple[Tensor, ...]:
         """The unconstrained tensors, in the order the first parametrization takes them."""
-        if self.is_tensor:
-            return (self.original,)
-        return tuple(getattr(self, f"original{i}") for i in range(self.ntensors))
+        return _chains.originals(self)
 
     def _evaluate(self, originals: tuple[Tensor, ...]) -> Any:
         modules = iter(self._modules.values())
@@ -248,6 +323,8 @@ class ParametrizationList(nn.ModuleList):
             value = module.forward(value)
         return value
 
+    # -- writers (Note [Writers of a chain]) ---------------------------------------------------
+
     def right_inverse(self, value: Tensor) -> None:
         """Set the originals so that the chain evaluates to ``value``.
 
@@ -261,19 +338,20 @@ class ParametrizationList(nn.ModuleList):
                 ``right_inverse`` returned the wrong number, shape or dtype of tensors.
             RuntimeError: a parametrization in the chain has no ``right_inverse``.
         """
-        self._store(self._inverse(value))
+        self.commit(self.plan(value))
 
-    def _inverse(self, value: object) -> tuple[Tensor, ...]:
-        """The originals :meth:`right_inverse` stores for ``value``, computed and checked.
+    def plan(self, value: object) -> Plan:
+        """The originals :meth:`right_inverse` would store for ``value``, computed and checked.
 
         Nothing is written but what a ``right_inverse`` writes into its own parametrization
-        (a norm, a base point), and that is put back if a later step fails.
+        (a norm, a base point): :meth:`commit` writes the originals, :meth:`rollback` undoes
+        the rest. If a step fails, it is undone here and the error raised.
         """
         value = expect_tensor(
             value, f"The value assigned to {self.label}", "Assign a torch.Tensor."
         )
         if not self.unsafe:
-            expected = self._parametrized_shape()
+            expected = self.parametrized_shape()
             expect_same_shape(
                 expected,
                 value.shape,
@@ -282,9 +360,8 @@ class ParametrizationList(nn.ModuleList):
             )
         # Check the whole chain first: a right_inverse may update its parametrization's state,
         # which must not happen when a later step is bound to fail.
-        inverses = [getattr(module, "right_inverse", None) for module in reversed(self)]
-        for module, inverse in zip(reversed(self), inverses, strict=True):
-            if inverse is None:
+        for module in reversed(self):
+            if getattr(module, "right_inverse", None) is None:
                 raise RuntimeError(
                     f"Cannot assign to {self.label}: parametrization "
                     f"{type(module).__name__} does not implement right_inverse. Give it a "
@@ -292,40 +369,33 @@ class ParametrizationList(nn.ModuleList):
                 )
         context = f"Cannot assign to {self.label}"
         expect_finite(value, context, "Assign finite values.")
-        saved = self._save_state()
+        saved = save_state(self)
         try:
-            return self._run_inverses(inverses, value, context)
+            results = self._run_backwards(value, context, registering=False)
+            return Plan(self._checked(results), saved)
         except BaseException:
-            _restore(saved)
+            restore_state(saved)
             raise
 
-    def _run_inverses(self, inverses: list[Any], value: Tensor, context: str) -> tuple[Tensor, ...]:
-        with torch.no_grad():
-            new: object = value
-            for i, inverse in enumerate(inverses):
-                if i > 0:  # only the first parametrization's right_inverse may return several
-                    what = f"right_inverse of {type(self[len(self) - i]).__name__} on {self.label}"
-                    new = expect_tensor(new, what, "Return a tensor.")
-                new = call_labelled(inverse, new, context, self.label)
-            results = expect_tensors(new, f"right_inverse of the parametrizations on {self.label}")
-            results = (results,) if isinstance(results, Tensor) else results
-            if len(results) != self.ntensors:
-                raise ValueError(
-                    f"right_inverse on {self.label} must return {self.ntensors} tensor(s), as it "
-                    f"did at registration; got {len(results)}."
-                )
-            destinations = self.originals()
-            for i, (dest, src) in enumerate(zip(destinations, results, strict=True)):
-                name = "original" if self.is_tensor else f"original{i}"
-                what = f"right_inverse returned a wrong tensor for {self.label} ({name})."
-                fix = "right_inverse must return tensors like those it returned at registration."
-                expect_same_dtype(dest.dtype, src.dtype, what, fix)
-                if not self.unsafe:
-                    expect_same_shape(dest.shape, src.shape, what, fix)
+    def _checked(self, results: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``results`` as a tuple, if they fit the originals (number, dtype, shape)."""
+        results = (results,) if isinstance(results, Tensor) else results
+        if len(results) != self.ntensors:
+            raise ValueError(
+                f"right_inverse on {self.label} must return {self.ntensors} tensor(s), as it "
+                f"did at registration; got {len(results)}."
+            )
+        fix = "right_inverse must return tensors like those it returned at registration."
+        names = _chains.original_names(self)
+        for name, dest, src in zip(names, self.originals(), results, strict=True):
+            what = f"right_inverse returned a wrong tensor for {self.label} ({name})."
+            expect_same_dtype(dest.dtype, src.dtype, what, fix)
+            if not self.unsafe:
+                expect_same_shape(dest.shape, src.shape, what, fix)
         return results
 
-    def _store(self, results: tuple[Tensor, ...]) -> None:
-        """Write what :meth:`_inverse` computed into the originals, keeping their identity.
+    def commit(self, plan: Plan) -> None:
+        """Write what :meth:`plan` computed into the originals, keeping their identity.
 
         Note [Assignment and reading threads]
             torch's parametrize points the original at the new value's memory with ``set_``,
@@ -338,30 +408,86 @@ class ParametrizationList(nn.ModuleList):
             as it already does after an optimizer step.
         """
         with torch.no_grad():
-            for dest, src in zip(self.originals(), results, strict=True):
+            for dest, src in zip(self.originals(), plan.originals, strict=True):
                 _set_in_place(dest, src, copy=not self.unsafe)
+        self.changed()
+
+    def rollback(self, plan: Plan) -> None:
+        """Undo what the right inverses of :meth:`plan` wrote into their parametrizations."""
+        restore_state(plan.saved)
+        self.changed()
+
+    def serve(self, value: Tensor | None, token: object) -> None:
+        """Return ``value`` as the chain's value, without running it, until :meth:`stop_serving`.
+
+        Served values form a stack, each under its own ``token``; the top one is served.
+        """
+        self._served().append((token, value))
+        self.__dict__["forward"] = _Serve(value)
+        self.changed()
+
+    def stop_serving(self, token: object) -> None:
+        """Stop serving the value served under ``token`` (compared by identity)."""
+        stack = [entry for entry in self._served() if entry[0] is not token]
+        if stack:
+            self.__dict__["_tether_served"] = stack
+            self.__dict__["forward"] = _Serve(stack[-1][1])
+        else:
+            self.__dict__.pop("forward", None)
+            self.__dict__.pop("_tether_served", None)
+        self.changed()
+
+    def served_token(self) -> object | None:
+        """The token of the value being served, if any (see :meth:`serve`)."""
+        stack = self._served()
+        return stack[-1][0] if stack else None
+
+    def _served(self) -> list[tuple[object, Tensor | None]]:
+        stack: list[tuple[object, Tensor | None]] = self.__dict__.setdefault("_tether_served", [])
+        return stack
+
+    def changed(self) -> None:
+        """Drop this chain's cached values: what it computes changed without passing through it.
+
+        Every write of the chain's own (assignment, loading, a replaced original or
+        parametrization) already does this; call it after changing a parametrization's state
+        in place from outside (Note [Writers of a chain]).
+        """
         _cache.invalidate(self)
 
-    def _save_state(self) -> SavedState:
-        """The parametrizations' own parameters and buffers, for :func:`_restore`."""
-        return save_state(self)
+    def append(self, module: nn.Module) -> ParametrizationList:
+        super().append(module)
+        self.changed()
+        return self
+
+    def insert(self, index: int, module: nn.Module) -> None:
+        super().insert(index, module)
+        self.changed()
+
+    def extend(self, modules: Iterable[nn.Module]) -> ParametrizationList:
+        super().extend(modules)
+        self.changed()
+        return self
+
+    def __setitem__(self, index: int, module: nn.Module) -> None:
+        super().__setitem__(index, module)
+        self.changed()
+
+    def __delitem__(self, index: int | slice) -> None:
+        super().__delitem__(index)
+        self.changed()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        _cache.invalidate(self)
+        self.changed()
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Refuse ``torch.jit.script`` with the alternatives (Note [TorchScript])."""
         raise not_scriptable(self, self.label)
 
 
-#: Each parameter and buffer of some modules: the dictionary holding it, its name, the
-#: tensor and a copy of its values.
-SavedState = list[tuple[dict[str, Any], str, Tensor, Tensor]]
-
-
 def save_state(module: nn.Module) -> SavedState:
-    """The parameters and buffers of ``module`` and its submodules, for :func:`_restore`.
+    """The parameters and buffers of ``module`` and its submodules, for :func:`restore_state`.
 
     A ``right_inverse`` may write into its parametrization's tensors in place (a norm) or
     rebind them (a base point of another dtype): both are undone.
@@ -376,7 +502,7 @@ def save_state(module: nn.Module) -> SavedState:
         ]
 
 
-def _restore(saved: SavedState) -> None:
+def restore_state(saved: SavedState) -> None:
     """Put back the tensors and values :func:`save_state` recorded."""
     with torch.no_grad():
         for tensors, name, tensor, copy in saved:
@@ -386,9 +512,22 @@ def _restore(saved: SavedState) -> None:
 
 
 def plists_of(module: nn.Module) -> dict[str, ParametrizationList]:
-    """The ``ParametrizationList`` of each parametrized tensor of ``module``, by name."""
-    container = module.__dict__["_modules"].get("parametrizations")
-    if not isinstance(container, nn.ModuleDict):
-        return {}
-    plists: dict[str, ParametrizationList] = container.__dict__["_modules"]
-    return plists
+    """The ``ParametrizationList`` of each parametrized tensor of ``module``, by name.
+
+    On a module of tether's classes, a chain that torch's parametrize built (tether appended
+    to it, or torch parametrized one more tensor) becomes tether's in place, so that every
+    writer finds the protocol of Note [Writers of a chain].
+    """
+    chains = _chains.chains_of(module)
+    if getattr(type(module), "_tether_base", None) is not None:
+        for name, chain in chains.items():
+            if not isinstance(chain, ParametrizationList):
+                _adopt_chain(chain, f"{_chains.class_before(module).__name__}.{name}")
+    return chains
+
+
+def _adopt_chain(chain: nn.Module, label: str) -> None:
+    """Make a chain of torch's parametrize one of tether's: same tensors, tether's methods."""
+    chain.__dict__["label"] = label
+    chain.__dict__["_shape"] = None
+    chain.__class__ = ParametrizationList

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tether import _cache
+from tether._chains import class_before
 from tether._checks import where
 from tether._parametrization_list import ParametrizationList, plists_of
 from tether._serving import serving
@@ -34,8 +34,7 @@ def reset_parameters(self: nn.Module) -> None:
     A tensor the base class's ``reset_parameters`` leaves alone keeps its value.
     """
     plists = plists_of(self)
-    cls: Any = type(self)
-    base: Any = cls._tether_base  # the class before parametrizing (set by tether._classes)
+    base: Any = class_before(self)
     stand_ins = {name: _stand_in(plist) for name, plist in plists.items()}
     versions = {name: stand_in._version for name, stand_in in stand_ins.items()}
     saved = _snapshot(self)
@@ -58,9 +57,9 @@ def reset_parameters(self: nn.Module) -> None:
                     f"(module.{name} = value)."
                 ) from error
     except BaseException:
-        _restore(self, saved)
+        _put_back(self, saved)
         for plist in plists.values():
-            _cache.invalidate(plist)
+            plist.changed()
         raise
 
 
@@ -74,7 +73,7 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
         }
 
 
-def _restore(module: nn.Module, saved: dict[str, Tensor]) -> None:
+def _put_back(module: nn.Module, saved: dict[str, Tensor]) -> None:
     # By key: a parametrization may have replaced a buffer (spectral norm's vectors).
     current = module.state_dict(keep_vars=True)
     with torch.no_grad():
@@ -84,26 +83,18 @@ def _restore(module: nn.Module, saved: dict[str, Tensor]) -> None:
 
 def _stand_in(plist: ParametrizationList) -> Tensor:
     """An empty tensor of the parametrized tensor's shape and dtype, filled with NaN if float."""
-    first = _originals(plist)[0]
-    if plist.unsafe or plist.__dict__.get("_shape") is None:
+    if plist.unsafe:
         with torch.no_grad():
             like = plist()
         stand_in = torch.empty_like(like)
     else:
-        stand_in = torch.empty(plist._parametrized_shape(), dtype=first.dtype, device=first.device)
+        first = plist.originals()[0]
+        stand_in = torch.empty(plist.parametrized_shape(), dtype=first.dtype, device=first.device)
     if stand_in.is_floating_point() or stand_in.is_complex():
         stand_in.fill_(float("nan"))
     else:
         stand_in.zero_()
     return stand_in
-
-
-def _originals(plist: ParametrizationList) -> tuple[Tensor, ...]:
-    # Not plist.originals(): a chain that torch's parametrize built (tether appended to it)
-    # is a torch ParametrizationList, which has the same attributes but not that method.
-    if plist.is_tensor:
-        return (plist.original,)
-    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
 
 
 def _written(stand_in: Tensor, version: int) -> bool:
@@ -120,7 +111,7 @@ def _written(stand_in: Tensor, version: int) -> bool:
 @torch.no_grad()
 def reset_state(plist: ParametrizationList) -> None:
     """Let each parametrization with ``reset_state`` re-initialise it for its current input."""
-    inputs = _originals(plist)
+    inputs = plist.originals()
     last = len(plist) - 1
     for i, parametrization in enumerate(plist):
         reset = getattr(parametrization, "reset_state", None)

@@ -22,8 +22,8 @@ Note [functional_call on a parametrized name]
     another ``swap_tensors_dict`` (the end of the call), or from the same one while a new
     exception is handled (torch undoing a failed swap-in), ends the serving instead of
     starting one. Served values form a stack per tensor, so nested calls restore in order.
-    The getter is not involved: serving replaces the chain's ``forward`` on this one
-    ``ParametrizationList`` instance, so reading a parametrized tensor costs the same.
+    The getter is not involved: the chain serves the value in place of its ``forward``
+    (``ParametrizationList.serve``), so reading a parametrized tensor costs the same.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from types import CodeType, FrameType
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from torch import Tensor
 
-from tether import _cache, _torch_compat
+from tether import _torch_compat
 from tether._parametrization_list import ParametrizationList
 
 __all__ = ["serving", "swap_from_functional_call"]
@@ -57,43 +57,15 @@ class _Served(NamedTuple):
     exception: BaseException | None
 
 
-class _Serve:
-    """Stands for the chain's ``forward`` while a value is served: returns it unchanged."""
-
-    def __init__(self, value: Tensor | None) -> None:
-        self.value = value
-
-    def __call__(self, *args: Any) -> Tensor | None:
-        return self.value
-
-
-def _stack(plist: ParametrizationList) -> list[_Served]:
-    stack: list[_Served] = plist.__dict__.setdefault("_tether_served", [])
-    return stack
-
-
-def _update(plist: ParametrizationList, stack: list[_Served]) -> None:
-    if stack:
-        plist.__dict__["forward"] = _Serve(stack[-1].value)
-    else:
-        plist.__dict__.pop("forward", None)
-        plist.__dict__.pop("_tether_served", None)
-    _cache.invalidate(plist)
-
-
 @contextlib.contextmanager
 def serving(plist: ParametrizationList, value: Tensor) -> Iterator[None]:
     """Serve ``value`` for ``plist``'s tensor inside the block."""
-    stack = _stack(plist)
     entry = _Served(value, None, None, None)
-    stack.append(entry)
-    _update(plist, stack)
+    plist.serve(value, entry)
     try:
         yield
     finally:
-        # By identity: comparing entries would compare their tensors.
-        stack[:] = [other for other in stack if other is not entry]
-        _update(plist, stack)
+        plist.stop_serving(entry)
 
 
 def _functional_call_frames() -> tuple[FrameType, FrameType] | None:
@@ -123,15 +95,14 @@ def swap_from_functional_call(plist: ParametrizationList, value: Tensor | None) 
         return False
     call, swap = frames
     exception = sys.exc_info()[1]
-    stack = _stack(plist)
-    top = stack[-1] if stack else None
+    top = plist.served_token()
     if (
-        top is not None
+        isinstance(top, _Served)
         and top.call is call
         and (top.swap is not swap or top.exception is not exception)
     ):
-        stack.pop()
+        plist.stop_serving(top)
     else:
-        stack.append(_Served(value, call, swap, exception))
-    _update(plist, stack)
+        entry = _Served(value, call, swap, exception)
+        plist.serve(value, entry)
     return True

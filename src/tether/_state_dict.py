@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tether._chains import chains_of
+
 __all__ = ["plain_state_dict"]
 
 
@@ -48,14 +50,14 @@ def plain_state_dict(module: nn.Module, *, prefix: str = "") -> dict[str, Any]:
     replacements: dict[str, list[tuple[str, Tensor]]] = {}
     named = module.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False)
     for name, submodule in named:
-        container = submodule._modules.get("parametrizations")
-        if not isinstance(container, nn.ModuleDict):
+        chains = chains_of(submodule)
+        if not chains:
             continue
         at = f"{name}." if name else ""
         if _block_of(at, replacements) is not None:
             continue  # inside a parametrization, which the plain model does not have
         with torch.no_grad():
-            for tensor_name, plist in container._modules.items():
+            for tensor_name, plist in chains.items():
                 block = f"{at}parametrizations.{tensor_name}."
                 # Reading may change state (spectral norm's power step in training mode): the
                 # value is what the next read gives, and the model is left as it was.

@@ -8,6 +8,15 @@ parametrized module, a thread-safe reentrant :func:`cached`, atomic registration
 callables as parametrizations, plain checkpoints loading through ``right_inverse``, and error
 messages that name the module, the tensor and the fix.
 
+Where behaviour differs from PyTorch's (besides those additions): reading a parametrized
+tensor calls each parametrization's ``forward`` directly, so forward hooks (and pre-hooks)
+registered on parametrization modules do not run; error messages are worded differently
+(mostly the same exception types); a parametrization appended to a chain runs its
+``right_inverse`` on the chain's value before its ``forward`` (so that a base point or
+power-iteration vectors start from that value); assigning an ``nn.Parameter`` to a
+parametrized name raises ``KeyError`` naming the fix; and :func:`chains` gives read-only access
+to a module's chains. ``docs/migration.md`` lists every difference.
+
 Example:
     >>> import torch
     >>> import tether.parametrize as parametrize
@@ -23,22 +32,23 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from tether import _cache
 from tether._cache import cached
+from tether._chains import class_before, original_names
 from tether._checks import call_labelled, describe, where
 from tether._classes import is_shared_class, parametrized_class
 from tether._parametrization_list import (
     ParametrizationList,
     _register,
-    _restore,
     _set_in_place,
     plists_of,
+    restore_state,
     save_state,
 )
 
@@ -46,6 +56,7 @@ __all__ = [
     "FunctionParametrization",
     "ParametrizationList",
     "cached",
+    "chains",
     "is_parametrized",
     "register_parametrization",
     "remove_parametrizations",
@@ -118,13 +129,24 @@ def type_before_parametrizations(module: nn.Module) -> type:
         >>> tether.type_before_parametrizations(layer)
         <class 'torch.nn.modules.linear.Linear'>
     """
-    # getattr: FSDP2's fully_shard subclasses tether's class again.
-    base: type | None = getattr(type(module), "_tether_base", None)
-    if base is not None:
-        return base
-    if is_parametrized(module):  # parametrized by torch's own parametrize
-        return type(module).__bases__[0]
-    return type(module)
+    return class_before(module)
+
+
+def chains(module: nn.Module) -> Mapping[str, ParametrizationList]:
+    """The chain of parametrizations of each parametrized tensor of ``module``, by name.
+
+    A read-only view of ``module.parametrizations`` (empty if nothing is parametrized), for
+    code that walks a model's parametrizations: each value is the tensor's
+    :class:`ParametrizationList`, whose items are the parametrizations, first applied first,
+    and whose ``originals()`` are the unconstrained tensors.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.orthogonal(torch.nn.Linear(3, 3))
+        >>> {name: [type(p).__name__ for p in chain] for name, chain in chains(layer).items()}
+        {'weight': ['Orthogonal']}
+    """
+    return MappingProxyType(plists_of(module))
 
 
 def register_parametrization(
@@ -194,7 +216,6 @@ def register_parametrization(
             _check_appended(module, tensor_name, parametrization, label)
         plist.append(parametrization)
         plist.unsafe |= unsafe
-        _cache.invalidate(plist)
         _adopt(module)
         return module
 
@@ -277,7 +298,7 @@ def _check_appended(
                 #     parametrization tether does what PyTorch does: forward on the current
                 #     value, then right_inverse on the result (keeping what it stores); its
                 #     refusal is reported only if forward fails too.
-                _restore(saved)
+                restore_state(saved)
                 refusal, restored = error, current
             if refusal is None:
                 if isinstance(restored, (tuple, list)):
@@ -311,7 +332,7 @@ def _check_appended(
             except NotImplementedError:
                 return
             except Exception:
-                _restore(saved)
+                restore_state(saved)
                 raise
             _check_like(current, restored, f"parametrization.right_inverse({label})", fix)
 
@@ -333,6 +354,7 @@ def _adopt(module: nn.Module) -> None:
         module.__class__ = parametrized_class(
             type_before_parametrizations(module), frozenset(plists_of(module))
         )
+        plists_of(module)  # its chains become tether's too
 
 
 def remove_parametrizations(module: M, tensor_name: str, leave_parametrized: bool = True) -> M:
@@ -398,7 +420,7 @@ def remove_parametrizations(module: M, tensor_name: str, leave_parametrized: boo
             "single original to leave. Use leave_parametrized=True."
         )
 
-    _cache.invalidate(plist)
+    plist.changed()
     base = type_before_parametrizations(module)
     del plists_of(module)[tensor_name]
     remaining = frozenset(plists_of(module))
@@ -452,10 +474,6 @@ def transfer_parametrizations_and_params(
         for parametrization in source:
             register_parametrization(to_module, name, parametrization)
         target = plists_of(to_module)[name]
-        names = (
-            ["original"] if source.is_tensor else [f"original{i}" for i in range(source.ntensors)]
-        )
-        for original_name in names:
+        for original_name in original_names(source):  # the chain drops its cached values
             setattr(target, original_name, getattr(source, original_name))
-        _cache.invalidate(target)
     return to_module

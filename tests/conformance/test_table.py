@@ -23,6 +23,7 @@ NOT_HELPERS = {
     "ParametrizationList",
     "autocache",
     "cached",
+    "chains",
     "constraints",
     "functional",
     "is_parametrized",

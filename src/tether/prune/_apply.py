@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from tether import _cache
 from tether._checks import describe, expect_same_shape, where
 from tether._parametrization_list import plists_of
 from tether.parametrize import register_parametrization
@@ -149,4 +148,4 @@ def store(module: nn.Module, name: str, mask: Tensor, method: BasePruningMethod)
     with torch.no_grad():
         pruning.mask.copy_(mask)
     pruning.method = method
-    _cache.invalidate(plist)
+    plist.changed()  # the mask changed in place

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from tether._chains import originals
 from tether._checks import describe
 from tether._parametrization_list import ParametrizationList, plists_of
 
@@ -95,11 +96,7 @@ def value_through(plist: ParametrizationList, index: int) -> Tensor:
 
     Works on tether's and on torch's ``ParametrizationList`` (same attributes).
     """
-    if plist.is_tensor:
-        originals: tuple[Tensor, ...] = (plist.original,)
-    else:
-        originals = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-    value: Tensor = plist[0](*originals)
+    value: Tensor = plist[0](*originals(plist))
     for i in range(1, index + 1):
         value = plist[i](value)
     return value

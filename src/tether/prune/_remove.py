@@ -7,7 +7,6 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from tether import _cache
 from tether._checks import describe, where
 from tether._parametrization_list import plists_of
 from tether.parametrize import remove_parametrizations
@@ -72,8 +71,7 @@ def remove(module: M, name: str) -> M:
     elif index == 0:
         with torch.no_grad():
             plist.original.mul_(pruning.mask.to(dtype=plist.original.dtype))
-        del plist[0]
-        _cache.invalidate(plist)
+        del plist[0]  # the chain drops its cached values
     else:
         before = ", ".join(type(p).__name__ for p in list(plist)[:index])
         raise ValueError(
