@@ -41,6 +41,7 @@ __all__ = [
     "expect_tensor",
     "expect_tensors",
     "int_dim",
+    "not_scriptable",
     "parameter_assigned",
     "positive_number",
     "real_number",
@@ -373,3 +374,26 @@ def call_labelled(function: Any, value: object, context: str, label: str) -> obj
         if type(error) not in (TypeError, ValueError, RuntimeError) or label in str(error):
             raise
         raise type(error)(f"{context}: {error}") from error
+
+
+def not_scriptable(module: nn.Module, label: str) -> RuntimeError:
+    """The error ``torch.jit.script`` raises on a module that holds tether parametrizations.
+
+    Note [TorchScript]
+        TorchScript compiles a module's properties as well as its ``forward``, and
+        PyTorch's parametrized tensor is a property that raises "Parametrization is not
+        working with scripting" when the scripted module runs: no parametrization runs in
+        TorchScript. tether refuses at ``torch.jit.script`` time instead (through
+        ``__prepare_scriptable__``, which TorchScript calls on every submodule before compiling
+        anything), naming what works: ``torch.export``, ``torch.compile``, ``torch.jit.trace``,
+        or scripting after ``remove_parametrizations`` has baked the values in.
+    """
+    return RuntimeError(
+        f"torch.jit.script cannot compile {type(module).__name__}: {label} is parametrized, and "
+        "TorchScript cannot run parametrizations (PyTorch's own parametrized modules script "
+        "but raise 'Parametrization is not working with scripting' when called). Use "
+        "torch.export.export(model, args) or torch.compile(model), which run them, or "
+        "torch.jit.trace(model, args); or bake the current values in with "
+        "tether.remove_parametrizations(module, name) on each parametrized tensor (or script "
+        "a copy after loading tether.plain_state_dict(model) into an unparametrized model)."
+    )

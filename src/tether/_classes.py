@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from tether import _cache, _loading, _reset, _serving
-from tether._checks import parameter_assigned, where
-from tether._parametrization_list import not_scriptable, plists_of
+from tether._checks import not_scriptable, parameter_assigned, where
+from tether._parametrization_list import plists_of
 
 __all__ = ["is_shared_class", "parametrized_class"]
 

@@ -17,88 +17,13 @@ from tether._checks import (
     expect_same_shape,
     expect_tensor,
     expect_tensors,
+    not_scriptable,
 )
-from tether._torch_compat import is_traceable_wrapper_subclass
+from tether._writes import SavedState, register, restore_state, save_state, set_in_place
 
-__all__ = [
-    "ParametrizationList",
-    "Plan",
-    "SavedState",
-    "not_scriptable",
-    "plists_of",
-    "restore_state",
-    "save_state",
-]
+__all__ = ["ParametrizationList", "Plan", "plists_of"]
 
 _Parameter = nn.Parameter
-
-
-def _set_in_place(dest: Tensor, src: Tensor, *, copy: bool = False) -> None:
-    """Give ``dest`` the data of ``src`` while keeping the ``dest`` object (optimizers hold it).
-
-    With ``copy``, ``src`` is copied into ``dest``'s memory when it fits, as for an assignment
-    to a tensor of fixed shape (Note [Assignment and reading threads]); otherwise ``dest`` is
-    pointed at ``src``'s memory, as torch's parametrize does.
-    """
-    if _distributed.is_sharded(dest):  # Note [Sharded originals]
-        _distributed.set_shard(dest, src)
-    elif torch.__future__.get_swap_module_params_on_conversion() or is_traceable_wrapper_subclass(
-        dest
-    ):
-        if isinstance(dest, nn.Parameter) and not isinstance(src, nn.Parameter):
-            src = nn.Parameter(src, requires_grad=dest.requires_grad)
-        torch.utils.swap_tensors(dest, src)  # type: ignore[no-untyped-call]  # untyped in torch
-    elif copy and _can_copy(dest, src):
-        dest.copy_(src)
-    else:
-        dest.set_(src)  # type: ignore[call-overload]  # torch's stubs miss set_(Tensor)
-
-
-def _can_copy(dest: Tensor, src: Tensor) -> bool:
-    """Whether ``src`` fits ``dest``'s memory and does not overlap it."""
-    return (
-        dest.shape == src.shape
-        and dest.dtype == src.dtype
-        and dest.device == src.device
-        and not dest.is_meta
-        and dest.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
-    )
-
-
-def not_scriptable(module: nn.Module, label: str) -> RuntimeError:
-    """The error ``torch.jit.script`` raises on a module that holds tether parametrizations.
-
-    Note [TorchScript]
-        TorchScript compiles a module's properties as well as its ``forward``, and
-        PyTorch's parametrized tensor is a property that raises "Parametrization is not
-        working with scripting" when the scripted module runs: no parametrization runs in
-        TorchScript. tether refuses at ``torch.jit.script`` time instead (through
-        ``__prepare_scriptable__``, which TorchScript calls on every submodule before compiling
-        anything), naming what works: ``torch.export``, ``torch.compile``, ``torch.jit.trace``,
-        or scripting after ``remove_parametrizations`` has baked the values in.
-    """
-    return RuntimeError(
-        f"torch.jit.script cannot compile {type(module).__name__}: {label} is parametrized, and "
-        "TorchScript cannot run parametrizations (PyTorch's own parametrized modules script "
-        "but raise 'Parametrization is not working with scripting' when called). Use "
-        "torch.export.export(model, args) or torch.compile(model), which run them, or "
-        "torch.jit.trace(model, args); or bake the current values in with "
-        "tether.remove_parametrizations(module, name) on each parametrized tensor (or script "
-        "a copy after loading tether.plain_state_dict(model) into an unparametrized model)."
-    )
-
-
-def _register(module: nn.Module, name: str, tensor: Tensor) -> None:
-    """Register ``tensor`` as a parameter if it is one, else as a buffer."""
-    if isinstance(tensor, nn.Parameter):
-        module.register_parameter(name, tensor)
-    else:
-        module.register_buffer(name, tensor)
-
-
-#: Each parameter and buffer of some modules: the dictionary holding it, its name, the
-#: tensor and a copy of its values.
-SavedState = list[tuple[dict[str, Any], str, Tensor, Tensor]]
 
 
 class Plan(NamedTuple):
@@ -219,14 +144,14 @@ class ParametrizationList(nn.ModuleList):
         """Register the originals: ``original`` itself (its data replaced) when there is one."""
         if self.is_tensor:
             with torch.no_grad():
-                _set_in_place(original, originals[0])
-            _register(self, "original", original)
+                set_in_place(original, originals[0])
+            register(self, "original", original)
             return
         for i, tensor in enumerate(originals):
             if isinstance(original, nn.Parameter):
                 tensor = nn.Parameter(tensor, original.requires_grad)
             tensor.requires_grad_(original.requires_grad)
-            _register(self, f"original{i}", tensor)
+            register(self, f"original{i}", tensor)
 
     def _run_backwards(
         self, value: Tensor, context: str, *, registering: bool
@@ -409,7 +334,7 @@ class ParametrizationList(nn.ModuleList):
         """
         with torch.no_grad():
             for dest, src in zip(self.originals(), plan.originals, strict=True):
-                _set_in_place(dest, src, copy=not self.unsafe)
+                set_in_place(dest, src, copy=not self.unsafe)
         self.changed()
 
     def rollback(self, plan: Plan) -> None:
@@ -484,31 +409,6 @@ class ParametrizationList(nn.ModuleList):
     def __prepare_scriptable__(self) -> nn.Module:
         """Refuse ``torch.jit.script`` with the alternatives (Note [TorchScript])."""
         raise not_scriptable(self, self.label)
-
-
-def save_state(module: nn.Module) -> SavedState:
-    """The parameters and buffers of ``module`` and its submodules, for :func:`restore_state`.
-
-    A ``right_inverse`` may write into its parametrization's tensors in place (a norm) or
-    rebind them (a base point of another dtype): both are undone.
-    """
-    with torch.no_grad():
-        return [
-            (tensors, name, tensor, tensor.clone())
-            for m in module.modules()
-            for tensors in (m._parameters, m._buffers)
-            for name, tensor in tensors.items()
-            if tensor is not None
-        ]
-
-
-def restore_state(saved: SavedState) -> None:
-    """Put back the tensors and values :func:`save_state` recorded."""
-    with torch.no_grad():
-        for tensors, name, tensor, copy in saved:
-            tensors[name] = tensor
-            if tensor.shape == copy.shape and tensor.dtype == copy.dtype:
-                tensor.copy_(copy)
 
 
 def plists_of(module: nn.Module) -> dict[str, ParametrizationList]:

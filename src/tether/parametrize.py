@@ -43,14 +43,8 @@ from tether._cache import cached
 from tether._chains import class_before, original_names
 from tether._checks import call_labelled, describe, where
 from tether._classes import is_shared_class, parametrized_class
-from tether._parametrization_list import (
-    ParametrizationList,
-    _register,
-    _set_in_place,
-    plists_of,
-    restore_state,
-    save_state,
-)
+from tether._parametrization_list import ParametrizationList, plists_of
+from tether._writes import register, restore_state, save_state, set_in_place
 
 __all__ = [
     "FunctionParametrization",
@@ -409,7 +403,7 @@ def remove_parametrizations(module: M, tensor_name: str, leave_parametrized: boo
                     "leave_parametrized=False, or convert the module first."
                 )
             with torch.no_grad():
-                _set_in_place(original, value)
+                set_in_place(original, value)
     elif leave_parametrized:
         value = getattr(module, tensor_name)
         original = nn.Parameter(value.detach()) if value.requires_grad else value.detach()
@@ -429,7 +423,7 @@ def remove_parametrizations(module: M, tensor_name: str, leave_parametrized: boo
     else:
         del module._modules["parametrizations"]
         module.__class__ = base
-    _register(module, tensor_name, original)
+    register(module, tensor_name, original)
     return module
 
 
