@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from _timing import header, ms, ratio, table
 
-BENCHMARKS = ["getter", "rnn", "constraints", "orthogonal_maps", "compile"]
+BENCHMARKS = ["getter", "rnn", "constraints", "orthogonal_maps", "compile", "scale"]
 
 
 def orthogonal_maps(quick: bool) -> str | None:

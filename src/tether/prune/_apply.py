@@ -1,9 +1,9 @@
 """Applying a pruning method to a module's tensor: the steps every pruning function shares.
 
-Find what is still unpruned (:func:`current`), check the mask a method computed
+Find what is still unpruned (:func:`value_and_mask`), check the mask a method computed
 (:func:`checked_mask`) and store it in the tensor's :class:`PruningMask`, registering one on the
 first pruning (:func:`store`). Validation errors get the call and the tensor in front
-(:func:`about`), e.g. ``l1_unstructured() on Linear.weight: amount=-1 is negative...``.
+(:func:`errors_prefixed`), e.g. ``l1_unstructured() on Linear.weight: amount=-1 is negative...``.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ if TYPE_CHECKING:
     from tether.prune._base import BasePruningMethod
 
 __all__ = [
-    "about",
+    "call_label",
     "check_not_meta",
     "checked_mask",
     "checked_scores",
-    "context",
-    "current",
+    "errors_prefixed",
     "store",
+    "value_and_mask",
 ]
 
 
 @contextlib.contextmanager
-def about(what: str) -> Iterator[None]:
+def errors_prefixed(what: str) -> Iterator[None]:
     """Prefix the validation errors raised inside with ``what`` (the call and the tensor)."""
     try:
         yield
@@ -44,7 +44,7 @@ def about(what: str) -> Iterator[None]:
         raise type(exc)(f"{what}: {exc}") from None
 
 
-def context(function: str, module: object, name: object) -> str:
+def call_label(function: str, module: object, name: object) -> str:
     """How errors name the call and the tensor, e.g. ``"l1_unstructured() on Linear.weight"``."""
     if isinstance(module, nn.Module) and isinstance(name, str):
         return f"{function}() on {where(module, name)}"
@@ -72,7 +72,7 @@ def _tensor(module: nn.Module, name: str) -> Tensor:
     return value
 
 
-def current(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
+def value_and_mask(module: nn.Module, name: str) -> tuple[Tensor, Tensor]:
     """The tensor where the mask acts (already masked if pruned) and the current mask."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"the module must be an nn.Module; got {describe(module)}.")

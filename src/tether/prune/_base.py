@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from tether._checks import describe, expect_same_shape
 from tether.prune._apply import (
-    about,
+    call_label,
     check_not_meta,
     checked_mask,
     checked_scores,
-    context,
-    current,
+    errors_prefixed,
     store,
+    value_and_mask,
 )
 from tether.prune._mask import find_mask
 from tether.prune._remove import remove
@@ -369,8 +369,8 @@ def prune_tensor(
     ``function`` names the call in error messages (``"l1_unstructured"``). Nothing changes on
     the module unless the mask was computed without error.
     """
-    with about(context(function, module, name)):
-        value, mask = current(module, name)
+    with errors_prefixed(call_label(function, module, name)):
+        value, mask = value_and_mask(module, name)
         method = cls(*args, **kwargs)
         method._tensor_name = name
         scores = value if importance_scores is None else checked_scores(importance_scores, value)

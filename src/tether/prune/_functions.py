@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._checks import describe
-from tether.prune._apply import about, checked_scores, context, current
+from tether.prune._apply import call_label, checked_scores, errors_prefixed, value_and_mask
 from tether.prune._base import merge, prune_tensor
 from tether.prune._methods import (
     CustomFromMask,
@@ -361,7 +361,7 @@ def global_unstructured(
             f"{who} needs `importance_scores` as a dict from (module, name) pairs to tensors, "
             f"or None; got {describe(importance_scores)}."
         )
-    with about(who):
+    with errors_prefixed(who):
         method = _METHOD_OF_FUNCTION.get(pruning_method, pruning_method)(**kwargs)
     if getattr(method, "PRUNING_TYPE", None) != "unstructured":
         raise TypeError(
@@ -373,13 +373,13 @@ def global_unstructured(
 
     values, scores, masks = [], [], []
     for module, name in pairs:
-        with about(context("global_unstructured", module, name)):
-            value, mask = current(module, name)
+        with errors_prefixed(call_label("global_unstructured", module, name)):
+            value, mask = value_and_mask(module, name)
             given = scores_of.get((module, name))
             scores.append(value if given is None else checked_scores(given, value))
             values.append(value)
             masks.append(mask)
-    with torch.no_grad(), about(who):
+    with torch.no_grad(), errors_prefixed(who):
         flat = merge(
             method,
             torch.cat([s.reshape(-1) for s in scores]),
