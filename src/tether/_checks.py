@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tether import _torch_compat
-from tether._chains import class_before
+from tether._chains import chains_of, class_before
 
 __all__ = [
     "bad_dtype",
@@ -45,7 +45,9 @@ __all__ = [
     "parameter_assigned",
     "positive_number",
     "real_number",
+    "registrable_tensor",
     "required_rank",
+    "tensor_to_constrain",
     "where",
 ]
 
@@ -397,3 +399,47 @@ def not_scriptable(module: nn.Module, label: str) -> RuntimeError:
         "tether.remove_parametrizations(module, name) on each parametrized tensor (or script "
         "a copy after loading tether.plain_state_dict(model) into an unparametrized model)."
     )
+
+
+def registrable_tensor(module: nn.Module, tensor_name: str, label: str) -> Tensor:
+    """The parameter or buffer ``tensor_name`` of ``module``, or a ValueError saying why not.
+
+    The check every registration makes (once, at the boundary) for a name that is not
+    parametrized yet; ``label`` names the tensor, as :func:`where` does.
+    """
+    tensor = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
+    if isinstance(tensor, Tensor):
+        if not chains_of(module) and hasattr(module, "parametrizations"):
+            raise ValueError(
+                f"Cannot parametrize {label}: {type(module).__name__} already has an attribute "
+                "named 'parametrizations', where parametrizations are stored. Rename it."
+            )
+        return tensor
+    if tensor_name in module._parameters or tensor_name in module._buffers:
+        raise ValueError(
+            f"Cannot parametrize {label}: it is None (for a bias, the layer was built with "
+            "bias=False). Parametrize a tensor that exists."
+        )
+    tensors = [
+        n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None
+    ]
+    known = ", ".join(repr(n) for n in [*tensors, *chains_of(module)]) or "none"
+    if hasattr(module, tensor_name):
+        what = describe(getattr(module, tensor_name))
+        problem = f"it is {what}, not a parameter or buffer registered on the module"
+    else:
+        problem = "there is no parameter, buffer or parametrized tensor of that name"
+    raise ValueError(
+        f"Cannot parametrize {label}: {problem}. Tensors that can be parametrized: {known}."
+    )
+
+
+def tensor_to_constrain(module: nn.Module, tensor_name: str) -> Tensor:
+    """The current value of ``module.<tensor_name>`` that a helper such as ``orthogonal()`` is
+    about to constrain (the parametrized value if the name is parametrized), or the ValueError
+    that registration would raise, for helpers that look at the tensor before registering.
+    """
+    if tensor_name in chains_of(module):
+        value: Tensor = getattr(module, tensor_name)
+        return value
+    return registrable_tensor(module, tensor_name, where(module, tensor_name))

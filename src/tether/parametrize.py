@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from tether._cache import cached
 from tether._chains import class_before, original_names
-from tether._checks import call_labelled, describe, where
+from tether._checks import call_labelled, describe, registrable_tensor, where
 from tether._classes import is_shared_class, parametrized_class
 from tether._parametrization_list import ParametrizationList, plists_of
 from tether._writes import register, restore_state, save_state, set_in_place
@@ -213,7 +213,7 @@ def register_parametrization(
         _adopt(module)
         return module
 
-    original = _tensor_of(module, tensor_name, label)
+    original = registrable_tensor(module, tensor_name, label)
     plist = ParametrizationList([parametrization], original, unsafe=unsafe, label=label)
     # Everything that can fail has been checked; from here on we only move objects around.
     base = type_before_parametrizations(module)
@@ -227,35 +227,6 @@ def register_parametrization(
         module.add_module("parametrizations", container)
     container._modules[tensor_name] = plist
     return module
-
-
-def _tensor_of(module: nn.Module, tensor_name: str, label: str) -> Tensor:
-    """The parameter or buffer ``tensor_name`` of ``module``, or a ValueError saying why not."""
-    tensor = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
-    if isinstance(tensor, Tensor):
-        if not is_parametrized(module) and hasattr(module, "parametrizations"):
-            raise ValueError(
-                f"Cannot parametrize {label}: {type(module).__name__} already has an attribute "
-                "named 'parametrizations', where parametrizations are stored. Rename it."
-            )
-        return tensor
-    if tensor_name in module._parameters or tensor_name in module._buffers:
-        raise ValueError(
-            f"Cannot parametrize {label}: it is None (for a bias, the layer was built with "
-            "bias=False). Parametrize a tensor that exists."
-        )
-    tensors = [
-        n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None
-    ]
-    known = ", ".join(repr(n) for n in [*tensors, *plists_of(module)]) or "none"
-    if hasattr(module, tensor_name):
-        what = describe(getattr(module, tensor_name))
-        problem = f"it is {what}, not a parameter or buffer registered on the module"
-    else:
-        problem = "there is no parameter, buffer or parametrized tensor of that name"
-    raise ValueError(
-        f"Cannot parametrize {label}: {problem}. Tensors that can be parametrized: {known}."
-    )
 
 
 def _check_appended(

@@ -1,4 +1,4 @@
-"""Power iteration, SpectralNorm and spectral_norm, against PyTorch's."""
+"""SpectralNorm and spectral_norm, against PyTorch's (the maps: tests/functional/test_norms.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations as torch_parametrizations
 
 import tether
-from tether.constraints import SpectralNorm
-from tether.functional import largest_singular_value, power_iteration, singular_value_estimate
+from tether import _torch_compat
+from tether.constraints import SpectralNorm, _spectral_norm
 from tether.testing import check_parametrization
 
 LAYERS = {
@@ -97,60 +96,6 @@ def weights(draw):
     dim = draw(st.integers(0, ndim - 1))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     return torch.randn(shape, dtype=dtype, generator=generator), dim
-
-
-# The maps
-
-
-@st.composite
-def matrices(draw):
-    batch = draw(st.sampled_from([(), (2,), (2, 3)]))
-    m, n = draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    return torch.randn(*batch, m, n, dtype=dtype, generator=generator)
-
-
-@given(W=matrices())
-def test_power_iteration_estimate_is_below_and_near_the_largest_singular_value(W):
-    u = torch.ones(W.shape[:-1], dtype=W.dtype)
-    v = torch.ones(*W.shape[:-2], W.shape[-1], dtype=W.dtype)
-    u, v = power_iteration(W, u, v, 200)
-    estimate = singular_value_estimate(W, u, v)
-    exact = largest_singular_value(W)
-    assert estimate.shape == W.shape[:-2] and estimate.dtype == W.dtype
-    assert (estimate <= exact * (1 + tolerance(W.dtype))).all()
-    assert torch.allclose(estimate, exact, rtol=1e-2)
-
-
-def test_batched_power_iteration_matches_one_matrix_at_a_time():
-    W = torch.randn(3, 4, 5, dtype=torch.float64)
-    u, v = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    U, V = power_iteration(W, u, v, 3)
-    for i in range(3):
-        Ui, Vi = power_iteration(W[i], u[i], v[i], 3)
-        assert torch.allclose(U[i], Ui) and torch.allclose(V[i], Vi)
-    estimate = singular_value_estimate(W, U, V)
-    assert torch.allclose(estimate[1], singular_value_estimate(W[1], U[1], V[1]))
-
-
-def test_power_iteration_does_not_modify_its_inputs():
-    W, u, v = torch.randn(4, 3), torch.randn(4), torch.randn(3)
-    u0, v0 = u.clone(), v.clone()
-    power_iteration(W, u, v, 2)
-    assert torch.equal(u, u0) and torch.equal(v, v0)
-
-
-def test_largest_singular_value_is_the_first_svdval():
-    W = torch.randn(2, 5, 3, dtype=torch.float64)
-    assert torch.allclose(largest_singular_value(W), torch.linalg.svdvals(W)[..., 0])
-
-
-def test_singular_value_estimate_gradcheck():
-    W = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    u, v = F.normalize(torch.randn(4, dtype=torch.float64), dim=0), torch.randn(3).double()
-    assert torch.autograd.gradcheck(lambda W: singular_value_estimate(W, u, v), (W,))
-    assert torch.autograd.gradcheck(largest_singular_value, (W,))
 
 
 # Compatibility with torch.nn.utils.parametrizations.spectral_norm
@@ -379,7 +324,7 @@ def test_fitting_vectors_that_are_already_fitted_changes_nothing(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "conv_operator"])
 def test_power_method_fits_layers_beyond_the_dense_limit(kind, monkeypatch):
-    monkeypatch.setattr("tether.constraints._spectral_norm._DENSE_LIMIT", 0)
+    monkeypatch.setattr("tether.constraints._weight_operator._DENSE_LIMIT", 0)
     layer = fitted_layer(kind).eval()
     layer.weight = torch.randn_like(layer.parametrizations.weight.original)
     assert true_sigma(layer, kind) == pytest.approx(1.0, abs=1e-8)
@@ -388,7 +333,7 @@ def test_power_method_fits_layers_beyond_the_dense_limit(kind, monkeypatch):
 @pytest.mark.parametrize("dense_limit", [0, 1 << 22], ids=["power_method", "svd"])
 def test_vectors_that_are_not_finite_are_replaced(dense_limit, monkeypatch):
     # What to_empty() leaves after building on the meta device, say.
-    monkeypatch.setattr("tether.constraints._spectral_norm._DENSE_LIMIT", dense_limit)
+    monkeypatch.setattr("tether.constraints._weight_operator._DENSE_LIMIT", dense_limit)
     layer = fitted_layer("linear").eval()
     for vector in buffers(layer):
         vector.fill_(float("nan"))
@@ -431,6 +376,73 @@ def test_checkpoint_without_vectors_gets_vectors_fitted_to_its_original(kind, st
         target.parametrizations.weight.original, checkpoint["parametrizations.weight.original"]
     )
     assert true_sigma(target, kind) == pytest.approx(1.0, abs=tolerance(torch.float64))
+
+
+# The vectors are updated in place, never rebound: DataParallel replicas share their storage
+# and compiled graphs hold them.
+
+
+def assign(layer, kind):
+    layer.weight = 3.0 * torch.randn_like(layer.parametrizations.weight.original)
+
+
+def train_forward(layer, kind):
+    for _ in range(3):
+        layer.weight  # noqa: B018  (each evaluation in training mode is a power step)
+
+
+def load_checkpoint(layer, kind):
+    layer.load_state_dict(fitted_layer(kind, seed=1).state_dict(), strict=True)
+
+
+def load_checkpoint_without_vectors(layer, kind):
+    checkpoint = fitted_layer(kind, seed=1).state_dict()
+    layer.load_state_dict({k: v for k, v in checkpoint.items() if not k.endswith(("_u", "_v"))})
+
+
+def load_hook_based_checkpoint(layer, kind):
+    old = torch.nn.utils.spectral_norm(FITTED[kind][0]().double())
+    old(torch.randn(INPUTS[kind], dtype=torch.float64))  # a power step
+    layer.load_state_dict(old.state_dict(), strict=True)
+
+
+def update_base(layer, kind):
+    tether.update_base(layer)
+
+
+def reset_parameters(layer, kind):
+    layer.reset_parameters()
+
+
+IN_PLACE = [
+    train_forward,
+    assign,
+    load_checkpoint,
+    load_checkpoint_without_vectors,
+    update_base,
+    reset_parameters,
+]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv_transpose2d", "conv_operator"])
+@pytest.mark.parametrize("operation", IN_PLACE, ids=lambda f: f.__name__)
+def test_the_vectors_stay_the_same_tensors(operation, kind):
+    layer = fitted_layer(kind).train()
+    before = [(vector, vector.data_ptr(), vector.clone()) for vector in buffers(layer)]
+    operation(layer, kind)
+    for (vector, address, _), now in zip(before, buffers(layer), strict=True):
+        assert now is vector and now.data_ptr() == address
+    assert not torch.equal(before[1][2], buffers(layer)[1])  # the operation wrote to them
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv_transpose2d"])
+def test_loading_a_hook_based_checkpoint_writes_into_the_vectors(kind):
+    layer = fitted_layer(kind).train()
+    u, v = buffers(layer)
+    address, value = u.data_ptr(), u.clone()
+    load_hook_based_checkpoint(layer, kind)
+    assert buffers(layer)[0] is u and buffers(layer)[1] is v and u.data_ptr() == address
+    assert not torch.equal(u, value)
 
 
 # Exact normalization and bounds
@@ -499,20 +511,6 @@ def test_gradcheck(options):
 
 
 # The convolution operator
-
-
-@pytest.mark.parametrize("conv", CONVS)
-def test_conv_operator_is_the_layers_linear_part_with_its_adjoint(conv):
-    make, input_shape = CONVS[conv]
-    layer = make().double()
-    norm = SpectralNorm(layer.weight, conv=layer, input_shape=input_shape, exact=True)
-    operator = norm._operator
-    x = torch.randn(2, *input_shape, dtype=torch.float64)
-    y = torch.randn(2, *operator.output_shape, dtype=torch.float64)
-    Ax = operator.apply(x, layer.weight)
-    bias = layer.bias.view(-1, *[1] * (x.ndim - 2))
-    assert torch.allclose(Ax, layer(x) - bias)
-    assert torch.allclose((Ax * y).sum(), (x * operator.adjoint(y, layer.weight)).sum())
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -642,9 +640,15 @@ def test_conv_operator_needs_zero_padding():
         tether.spectral_norm(layer, conv_operator=True, input_shape=(3, 8, 8))
 
 
-def test_missing_tensor_raises_value_error():
-    with pytest.raises(ValueError, match=r"spectral_norm\(\) on Linear.kernel: .*no parameter"):
-        tether.spectral_norm(nn.Linear(5, 3), name="kernel")
+@pytest.mark.parametrize("name", ["kernel", "bias"])
+def test_missing_tensor_raises_the_registration_error(name):
+    layer = nn.Linear(5, 3, bias=False)
+    with pytest.raises(ValueError) as expected:
+        tether.register_parametrization(layer, name, nn.Identity())
+    with pytest.raises(ValueError) as error:
+        tether.spectral_norm(layer, name=name)
+    assert str(error.value) == str(expected.value)
+    assert f"Linear.{name}" in str(error.value)
 
 
 def test_zero_dimensional_tensor_raises_value_error():
@@ -661,3 +665,35 @@ def test_class_checks_its_arguments_and_shapes():
         SpectralNorm(torch.randn(3, 3)).sample((4, 3))
     with pytest.raises(ValueError, match=r"kernel shape \(2, 3, 3, 3\)"):
         SpectralNorm(torch.randn(3, 3), conv=nn.Conv2d(3, 2, 3), input_shape=(3, 8, 8))
+
+
+def test_the_load_hook_is_registered_once():
+    layer = tether.spectral_norm(nn.Linear(5, 3))
+    tether.remove_parametrizations(layer, "weight")
+    tether.spectral_norm(layer)
+    assert len(_torch_compat.load_state_dict_pre_hooks(layer)) == 1
+
+
+def test_old_keys_are_not_renamed_once_the_norm_is_removed():
+    old = trained_old_spectral_norm("linear")
+    layer = tether.remove_parametrizations(tether.spectral_norm(LAYERS["linear"]()), "weight")
+    with pytest.raises(RuntimeError, match="weight_orig"):
+        layer.load_state_dict(old.state_dict())
+
+
+def test_spectral_norm_checks_its_arguments_and_builds_the_operator_once(monkeypatch):
+    calls = {"_checked": 0, "conv_operator": 0}
+
+    def counted(name):
+        function = getattr(_spectral_norm, name)
+
+        def wrapper(*args):
+            calls[name] += 1
+            return function(*args)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(_spectral_norm, name, counted(name))
+    tether.spectral_norm(nn.Conv2d(3, 2, 3), conv_operator=True, input_shape=(3, 8, 8))
+    assert calls == {"_checked": 1, "conv_operator": 1}

@@ -1,4 +1,4 @@
-"""norm_except_dim, weight_normalize, WeightNorm and weight_norm, against PyTorch's."""
+"""WeightNorm and weight_norm, against PyTorch's (the maps: tests/functional/test_norms.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations as torch_parametrizations
 
 import tether
+from tether import _torch_compat
 from tether.constraints import WeightNorm
-from tether.functional import norm_except_dim, weight_normalize
+from tether.functional import norm_except_dim
 from tether.testing import check_parametrization
 
 LAYERS = {
@@ -25,10 +24,6 @@ LAYERS = {
     "conv_transpose2d": lambda: nn.ConvTranspose2d(3, 4, 2),
 }
 DIMS = [0, 1, -1, -2, None]
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    return 100 * torch.finfo(dtype).eps
 
 
 def seeded_pair(make, dim, seed=0):
@@ -45,55 +40,6 @@ def old_weight_norm(module, name="weight", dim=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.nn.utils.weight_norm(module, name=name, dim=dim)
-
-
-@st.composite
-def tensors(draw):
-    ndim = draw(st.integers(1, 4))
-    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    dim = draw(st.sampled_from([None, *range(-ndim, ndim)]))
-    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    return torch.randn(shape, dtype=dtype, generator=generator), dim
-
-
-# The maps
-
-
-@pytest.mark.parametrize("dim", [0, 1, 2, -1, -2, -3, None])
-def test_norm_except_dim_is_the_norm_over_the_other_dims(dim):
-    X = torch.randn(3, 4, 5, dtype=torch.float64)
-    if dim is None or dim == -1:  # torch's convention: -1 is the whole tensor
-        expected = X.norm()
-    else:
-        others = [d for d in range(3) if d != dim % 3]
-        expected = X.norm(dim=others, keepdim=True)
-    assert torch.allclose(norm_except_dim(X, dim), expected)
-
-
-@given(example=tensors())
-def test_weight_normalize_of_its_right_inverse_is_the_identity(example):
-    X, dim = example
-    g = norm_except_dim(X, dim)
-    W = weight_normalize(g, X, dim)
-    assert W.shape == X.shape and W.dtype == X.dtype
-    assert torch.allclose(W, X, atol=tolerance(X.dtype), rtol=tolerance(X.dtype))
-
-
-@given(example=tensors())
-def test_weight_normalize_has_norm_g(example):
-    X, dim = example
-    generator = torch.Generator().manual_seed(0)
-    g = torch.rand(norm_except_dim(X, dim).shape, dtype=X.dtype, generator=generator) + 0.5
-    W = weight_normalize(g, X, dim)
-    assert torch.allclose(norm_except_dim(W, dim), g, rtol=tolerance(X.dtype))
-
-
-@pytest.mark.parametrize("dim", [0, 1, 2, -2, None])
-def test_weight_normalize_gradcheck(dim):
-    v = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
-    g = (norm_except_dim(v, dim).detach() + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda g, v: weight_normalize(g, v, dim), (g, v))
 
 
 # Compatibility with torch.nn.utils.parametrizations.weight_norm
@@ -194,7 +140,7 @@ def test_the_load_hook_is_registered_once():
     layer = tether.weight_norm(nn.Linear(5, 3))
     tether.remove_parametrizations(layer, "weight")
     tether.weight_norm(layer)
-    assert len(layer._load_state_dict_pre_hooks) == 1
+    assert len(_torch_compat.load_state_dict_pre_hooks(layer)) == 1
 
 
 def test_old_keys_are_not_renamed_once_the_norm_is_removed():
@@ -254,9 +200,21 @@ def test_dim_of_the_wrong_type_raises_type_error(dim):
         WeightNorm(dim)
 
 
-def test_missing_tensor_raises_value_error():
-    with pytest.raises(ValueError, match=r"Linear\.kernel"):
-        tether.weight_norm(nn.Linear(5, 3), name="kernel")
+def linear_with_a_number() -> nn.Module:
+    layer = nn.Linear(5, 3, bias=False)
+    layer.scale = 2.0
+    return layer
+
+
+@pytest.mark.parametrize("name", ["kernel", "scale", "bias"])
+def test_a_name_without_a_tensor_raises_the_error_of_every_registering_function(name):
+    # No such attribute, a number, a bias of None: the mechanism's message names the module,
+    # the tensor and what can be parametrized instead.
+    with pytest.raises(ValueError, match=rf"Linear\.{name}") as ours:
+        tether.weight_norm(linear_with_a_number(), name=name)
+    with pytest.raises(ValueError) as shared:
+        tether.register_parametrization(linear_with_a_number(), name, nn.Identity())
+    assert str(ours.value) == str(shared.value)
 
 
 @pytest.mark.parametrize("dim", [0, None])

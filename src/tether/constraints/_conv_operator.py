@@ -1,9 +1,10 @@
 """The linear operator of a convolution layer, whose norm is the layer's Lipschitz constant.
 
 :class:`tether.constraints.SpectralNorm` with ``conv`` normalizes this operator instead of the
-reshaped kernel: :meth:`ConvOperator.apply` is the layer without its bias, and
-:meth:`ConvOperator.adjoint` its transpose, for the power method; :func:`operator_norm` is
-the exact norm from the dense matrix, for small inputs.
+reshaped kernel (:class:`~tether.constraints._weight_operator.MatrixOperator`):
+:meth:`ConvOperator.apply` is the layer without its bias, and :meth:`ConvOperator.adjoint` its
+transpose, for the power method; the exact norm comes from the dense matrix
+(:meth:`ConvOperator.matrix`), for small inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tether._checks import bad_shape, bad_value
-from tether.functional import largest_singular_value
+from tether.constraints._weight_operator import WeightOperator
 
 __all__ = [
     "CONV_LAYERS",
@@ -25,7 +26,6 @@ __all__ = [
     "ConvLayer",
     "ConvOperator",
     "conv_operator",
-    "operator_norm",
 ]
 
 ConvLayer = (
@@ -41,16 +41,13 @@ def _normalize(x: Tensor, eps: float) -> Tensor:
     return x / x.norm().clamp_min(eps)
 
 
-class ConvOperator(abc.ABC):
+class ConvOperator(WeightOperator):
     """The linear map ``x -> conv(x, weight)`` of a convolution layer (bias left out).
 
     It acts on inputs of one shape ``(C, *spatial)``; :meth:`apply` and :meth:`adjoint` take
     a leading batch dimension. Subclasses fix the layer's kind; only hyperparameters are kept
     (never the layer, which owns this object through its parametrization).
     """
-
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
 
     @abc.abstractmethod
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -77,6 +74,9 @@ class ConvOperator(abc.ABC):
     def estimate(self, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
         u, v = u.to(weight.dtype), v.to(weight.dtype)
         return torch.vdot(u.flatten(), self.apply(v[None], weight).flatten())
+
+    def adjoint_vector(self, weight: Tensor, u: Tensor) -> Tensor:
+        return self.adjoint(u[None], weight)[0]
 
     def matrix(self, weight: Tensor) -> Tensor:
         """The operator as a dense ``(output size, input size)`` matrix (small inputs only)."""
@@ -177,11 +177,6 @@ def _padding(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, i: int) -> tuple[int, int]
         return total // 2, total - total // 2
     amount = int(conv.padding[i])
     return amount, amount
-
-
-def operator_norm(operator: ConvOperator, X: Tensor) -> Tensor:
-    """The exact norm of the operator with kernel ``X``, from its dense matrix."""
-    return largest_singular_value(operator.matrix(X))
 
 
 def conv_operator(

@@ -5,13 +5,22 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tether._checks import bad_dtype, bad_shape, bad_type, bad_value, check_dim, describe, where
+from tether._checks import (
+    bad_dtype,
+    bad_shape,
+    bad_type,
+    bad_value,
+    check_dim,
+    describe,
+    tensor_to_constrain,
+    where,
+)
 from tether.constraints._base import Constraint, Draw, register_constraint
 from tether.constraints._conv_operator import (
     CONV_LAYERS,
@@ -19,11 +28,10 @@ from tether.constraints._conv_operator import (
     ConvLayer,
     ConvOperator,
     conv_operator,
-    operator_norm,
 )
-from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
-from tether.functional import largest_singular_value, power_iteration, singular_value_estimate
-from tether.functional._precision import precision_eps, upcast
+from tether.constraints._legacy_checkpoints import add_load_hook, load_spectral_norm
+from tether.constraints._weight_operator import MatrixOperator, WeightOperator
+from tether.functional._precision import upcast
 
 __all__ = ["SpectralNorm", "spectral_norm"]
 
@@ -42,28 +50,21 @@ _WARMUP_ITERATIONS = 15
 #     leaves vectors that belong to it:
 #
 #     - ``right_inverse`` (``module.weight = X``, a plain checkpoint) fits them to X: the top
-#       singular vectors, from an SVD of the reshaped weight or of the dense convolution
-#       operator when that has at most _DENSE_LIMIT entries, else from the power method run
-#       until the estimate stops growing. The one exception is the call registration makes,
-#       on the very weight the constructor warmed the vectors up on: they are kept, so that
-#       buffers and results stay torch's.
+#       singular vectors of its operator (``WeightOperator.top_singular_vectors``: from an SVD
+#       of the reshaped weight or of the dense convolution operator when that is small, else
+#       from the power method run until the estimate stops growing). The one exception is
+#       the call registration makes, on the very weight the constructor warmed the vectors up
+#       on: they are kept, so that buffers and results stay torch's.
 #     - a checkpoint with the vectors (tether's or torch's layout, the hook-based format)
 #       loads them as they are: the model then computes exactly what the saved one did;
 #     - a checkpoint with the original but without the vectors (saved with ``exact=True``, or
 #       cut down and loaded with ``strict=False``) gets vectors fitted to that original:
 #       ``tether._loading`` asks ``state_for`` for them, and they load as if saved. So does a
 #       hook-based checkpoint loaded into a convolution operator, whose vectors do not carry
-#       over (``_load_legacy_spectral_norm``).
+#       over (``SpectralNorm.state_from_hook_based``).
 #
 #     A fitted pair keeps the sign (the phase) of the vectors it replaces, so refitting
 #     vectors that were already right changes nothing.
-
-# Fit with an SVD up to this many entries of the matrix (16 MiB in float32); beyond, the SVD
-# costs seconds on a CPU while the power method usually stops after a few dozen steps.
-_DENSE_LIMIT = 1 << 22
-# The power method's fit: steps between two looks at the estimate, and at most this many.
-_FIT_STEPS = 10
-_FIT_ITERATIONS = 1000
 
 
 def _divide(X: Tensor, sigma: Tensor) -> Tensor:
@@ -75,20 +76,22 @@ def _clip(X: Tensor, sigma: Tensor, bound: float) -> Tensor:
     return X / torch.clamp(sigma.abs() / bound, min=1.0)
 
 
-def _top_singular_vectors(W: Tensor) -> tuple[Tensor, Tensor]:
-    """Unit ``u``, ``v`` with ``W v = sigma u`` and ``Wᴴ u = sigma v`` for the largest ``sigma``.
-
-    A fixed point of the power method, on which ``uᴴ W v`` is exactly ``sigma``.
-    """
-    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
-    return U[:, 0], Vh[0].conj()
-
-
 def _is_real_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_arguments(
+class _Settings(NamedTuple):
+    """The arguments of :class:`SpectralNorm`, checked, and the operator they define."""
+
+    n_power_iterations: int
+    dim: int  # in range(weight.ndim)
+    eps: float
+    bound: float | None
+    exact: bool
+    operator: WeightOperator | None  # None for a vector, whose 2-norm is exact
+
+
+def _checked(
     function: str,
     label: str,
     weight: Tensor,
@@ -99,10 +102,11 @@ def _check_arguments(
     exact: bool,
     conv: ConvLayer | None,
     input_shape: Sequence[int] | None,
-) -> ConvOperator | None:
-    """Raise a ValueError, TypeError or IndexError naming the first bad argument.
+) -> _Settings:
+    """The settings, or a ValueError, TypeError or IndexError naming the first bad argument.
 
-    Returns the convolution operator when ``conv`` is given.
+    ``function`` and ``label`` start the messages: ``"SpectralNorm"`` and ``"the weight"`` for
+    the class, ``"spectral_norm()"`` and ``"Linear.weight"`` for the registering function.
     """
     who = f"{function} on {label}"
     if not (weight.is_floating_point() or weight.is_complex()):
@@ -125,14 +129,18 @@ def _check_arguments(
     if weight.ndim == 0:
         raise bad_shape(function, label, weight.shape, "at least one dimension")
     check_dim(dim, weight, who)
-    if conv is None:
-        if input_shape is not None:
-            raise ValueError(
-                f"{who}: `input_shape` is only used with the convolution operator "
-                "(conv_operator=True); drop it or pass conv_operator=True."
-            )
-        return None
-    return conv_operator(function, label, weight, conv, input_shape)
+    operator: WeightOperator | None
+    if conv is not None:
+        operator = conv_operator(function, label, weight, conv, input_shape)
+    elif input_shape is not None:
+        raise ValueError(
+            f"{who}: `input_shape` is only used with the convolution operator "
+            "(conv_operator=True); drop it or pass conv_operator=True."
+        )
+    else:
+        operator = None if weight.ndim == 1 else MatrixOperator(weight.shape, dim)
+    bound = None if bound is None else float(bound)
+    return _Settings(n_power_iterations, dim % weight.ndim, eps, bound, exact, operator)
 
 
 class SpectralNorm(Constraint):
@@ -218,7 +226,7 @@ class SpectralNorm(Constraint):
         input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        operator = _check_arguments(
+        settings = _checked(
             "SpectralNorm",
             "the weight",
             weight,
@@ -230,135 +238,74 @@ class SpectralNorm(Constraint):
             conv,
             input_shape,
         )
-        self.n_power_iterations = n_power_iterations
-        self.dim = dim % weight.ndim
-        self.eps = eps
-        self.bound = None if bound is None else float(bound)
-        self.exact = exact
+        self._build(weight, settings)
+
+    @classmethod
+    def _from_settings(cls, weight: Tensor, settings: _Settings) -> SpectralNorm:
+        """Build from arguments already checked (by :func:`spectral_norm`, with its wording)."""
+        norm = cls.__new__(cls)
+        Constraint.__init__(norm)
+        norm._build(weight, settings)
+        return norm
+
+    def _build(self, weight: Tensor, settings: _Settings) -> None:
+        self.n_power_iterations = settings.n_power_iterations
+        self.dim = settings.dim
+        self.eps = settings.eps
+        self.bound = settings.bound
+        self.exact = settings.exact
         self._shape = weight.shape
         self._scale: Callable[[Tensor, Tensor], Tensor] = (
             _divide if self.bound is None else functools.partial(_clip, bound=self.bound)
         )
-        self._operator = operator
+        operator = self._operator = settings.operator
         # The vectors are warmed up on ``weight``; registration passes that same weight to
         # right_inverse, which then keeps them (Note [Power-iteration state after a load or
         # an assignment]).
         self._keep_next_fit = True
+        # sigma as forward computes it, and exactly (for distance and sample).
         self._sigma: Callable[[Tensor], Tensor]
         self._exact_sigma: Callable[[Tensor], Tensor]
-        with torch.no_grad():
-            if operator is not None:
-                self._exact_sigma = functools.partial(operator_norm, operator)
-                if exact:
-                    self._sigma = self._exact_sigma
-                else:
-                    self._sigma = functools.partial(self._operator_estimate, operator)
-                    shapes = operator.output_shape, operator.input_shape
-                    self._start(weight, operator.power_iteration, *shapes)
-            elif weight.ndim == 1:  # the 2-norm, exactly, as in torch
-                self._exact_sigma = self._sigma = self._vector_norm
-            else:
-                self._exact_sigma = self._matrix_norm
-                self._sigma = self._matrix_norm if exact else self._matrix_estimate
-                if not exact:
-                    W = self._matrix(weight)
-                    self._start(W, power_iteration, W.shape[:1], W.shape[1:])
+        if operator is None:  # a vector: its 2-norm, exactly, as in torch
+            self._exact_sigma = self._sigma = self._vector_norm
+        elif self.exact:
+            self._exact_sigma = self._sigma = operator.norm
+        else:
+            self._exact_sigma = operator.norm
+            self._sigma = functools.partial(self._estimate, operator)
+            with torch.no_grad():
+                u, v = self._warm_start(operator, weight)
+            self.register_buffer("_u", u)
+            self.register_buffer("_v", v)
 
-    def _start(
-        self,
-        W: Tensor,
-        iterate: Callable[[Tensor, Tensor, Tensor, int, float], tuple[Tensor, Tensor]],
-        u_shape: Sequence[int],
-        v_shape: Sequence[int],
-    ) -> None:
+    def _warm_start(self, operator: WeightOperator, X: Tensor) -> tuple[Tensor, Tensor]:
         """Draw ``u`` and ``v`` as torch does (same generator calls) and run the warm-up."""
-        u = F.normalize(W.new_empty(math.prod(u_shape)).normal_(0, 1), dim=0, eps=self.eps)
-        v = F.normalize(W.new_empty(math.prod(v_shape)).normal_(0, 1), dim=0, eps=self.eps)
-        u, v = iterate(W, u.view(*u_shape), v.view(*v_shape), _WARMUP_ITERATIONS, self.eps)
-        self.register_buffer("_u", u)
-        self.register_buffer("_v", v)
+        u_shape, v_shape = operator.output_shape, operator.input_shape
+        u = F.normalize(X.new_empty(math.prod(u_shape)).normal_(0, 1), dim=0, eps=self.eps)
+        v = F.normalize(X.new_empty(math.prod(v_shape)).normal_(0, 1), dim=0, eps=self.eps)
+        return operator.power_iteration(
+            X, u.view(u_shape), v.view(v_shape), _WARMUP_ITERATIONS, self.eps
+        )
+
+    def _power_method(self) -> WeightOperator | None:
+        """The operator the vectors belong to; ``None`` when there are none (exact, a vector)."""
+        return self._operator if "_u" in self._buffers else None
 
     @torch.no_grad()
-    def _fitted_vectors(self, X: Tensor) -> tuple[Tensor, Tensor]:
-        """The top singular vectors of ``X`` (its matrix, or its convolution operator).
+    def _fitted_vectors(self, operator: WeightOperator, X: Tensor) -> tuple[Tensor, Tensor]:
+        """The top singular vectors of ``X``'s operator, with the phase of the current ones.
 
-        See Note [Power-iteration state after a load or an assignment]. The pair takes the
-        sign (phase) of the current vectors where those are finite, and is returned in the
-        dtype ``X`` is computed in (float32 for float16 and bfloat16).
+        See Note [Power-iteration state after a load or an assignment]. Returned in the dtype
+        ``X`` is computed in (float32 for float16 and bfloat16).
         """
         X = upcast(X)
-        operator = self._operator
         # The vectors being replaced: where to start the power method, and the phase to keep.
         if self._u.is_meta:  # loading with assign=True into a model built on the meta device
             u_old = torch.full(self._u.shape, math.nan, dtype=X.dtype, device=X.device)
             v_old = torch.full(self._v.shape, math.nan, dtype=X.dtype, device=X.device)
         else:
             u_old, v_old = (b.to(device=X.device, dtype=X.dtype) for b in (self._u, self._v))
-        if operator is not None:
-            if math.prod(operator.input_shape) * math.prod(operator.output_shape) <= _DENSE_LIMIT:
-                u, v = _top_singular_vectors(operator.matrix(X))
-                u, v = u.view(operator.output_shape), v.view(operator.input_shape)
-            else:
-                u, v = self._power_fit(
-                    functools.partial(operator.power_iteration, X),
-                    functools.partial(operator.estimate, X),
-                    u_old,
-                    v_old,
-                )
-        else:
-            W = self._matrix(X)
-            if W.numel() <= _DENSE_LIMIT:
-                u, v = _top_singular_vectors(W)
-            else:
-                u, v = self._power_fit(
-                    functools.partial(power_iteration, W),
-                    functools.partial(singular_value_estimate, W),
-                    u_old,
-                    v_old,
-                )
-        # Keep the phase of the vectors being replaced: u and v turn together, so the estimate
-        # and the normalized weight do not change, and vectors that were right stay as they are.
-        overlap = torch.vdot(v.flatten(), v_old.flatten())
-        if bool(overlap.isfinite()) and bool(overlap.abs() > 0):
-            phase = overlap / overlap.abs()
-            u, v = u * phase, v * phase
-        return u, v
-
-    def _power_fit(
-        self,
-        iterate: Callable[[Tensor, Tensor, int, float], tuple[Tensor, Tensor]],
-        estimate: Callable[[Tensor, Tensor], Tensor],
-        u: Tensor,
-        v: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """The power method from ``(u, v)`` until the estimate stops growing (or a cap)."""
-        if not (bool(u.isfinite().all()) and bool(v.isfinite().all())) or not bool(v.any()):
-            # No usable start (a model built on the meta device, then to_empty): a fixed one.
-            generator = torch.Generator().manual_seed(0)
-            v = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
-        tolerance = precision_eps(v)
-        sigma = estimate(u, v).abs()
-        for _ in range(_FIT_ITERATIONS // _FIT_STEPS):
-            u, v = iterate(u, v, _FIT_STEPS, self.eps)
-            previous, sigma = sigma, estimate(u, v).abs()
-            # In exact arithmetic the estimate only grows, towards the largest singular value.
-            if bool(sigma - previous <= tolerance * sigma):
-                break
-        return u, v
-
-    def _is_state_of(self, X: Tensor) -> bool:
-        """Whether ``(u, v)`` is a power-method state of ``X``: ``v = normalize(Xᴴ u)``.
-
-        Checked to ``sqrt(eps)``: an error ``δ`` in ``v`` changes the estimate by ``δ²``.
-        """
-        X = upcast(X)
-        u, v = self._u.to(X.dtype), self._v.to(X.dtype)
-        if self._operator is not None:
-            back = self._operator.adjoint(u[None], X)[0]
-        else:
-            back = self._matrix(X).mH @ u
-        back = back / back.norm().clamp_min(self.eps)
-        return bool((back - v).norm() <= math.sqrt(precision_eps(X)))
+        return operator.top_singular_vectors(X, u_old, v_old, self.eps)
 
     @torch.no_grad()
     def state_for(self, X: Tensor) -> dict[str, Tensor]:
@@ -374,49 +321,46 @@ class SpectralNorm(Constraint):
             >>> torch.vdot(state["_u"], W @ state["_v"]).abs()
             tensor(3.)
         """
-        if "_u" not in self._buffers:  # exact, or a vector: no power iteration
+        operator = self._power_method()
+        if operator is None:
             return {}
-        u, v = self._fitted_vectors(X)
+        u, v = self._fitted_vectors(operator, X)
         return {"_u": u.to(self._u.dtype), "_v": v.to(self._v.dtype)}
+
+    def state_from_hook_based(self, original: object, u: object, v: object) -> dict[str, object]:
+        """The buffers to load from a checkpoint of torch's hook-based ``spectral_norm``.
+
+        Given its ``weight_orig``, ``weight_u`` and ``weight_v`` (Note [Loading the checkpoints
+        of torch's hook-based norms] in ``_legacy_checkpoints``). Its vectors mean what ours
+        mean only for a power method on the reshaped matrix, and then load as saved. Exact and
+        vector normalizations have none; a convolution operator gets vectors fitted to the
+        original instead (Note [Power-iteration state after a load or an assignment]).
+        """
+        operator = self._power_method()
+        if operator is None:
+            return {}
+        if isinstance(operator, MatrixOperator):
+            return {"_u": u, "_v": v}
+        if isinstance(original, Tensor) and original.shape == self._shape:
+            return dict(self.state_for(original.to(device=self._u.device, dtype=self._u.dtype)))
+        return {}
 
     @torch.no_grad()
     def reset_state(self, X: Tensor) -> None:
         """Redraw ``u`` and ``v`` and warm them up on ``X``, as registration does.
 
         ``reset_parameters()`` of the parametrized module calls it after assigning the new
-        weight, so that a module initialised after ``to_empty`` has valid vectors.
+        weight, so that a module initialised after ``to_empty`` has valid vectors. The
+        buffers are written in place.
         """
-        if "_u" not in self._buffers:  # exact, or a vector: no power iteration
-            return
-        operator = self._operator
+        operator = self._power_method()
         if operator is not None:
-            shapes = operator.output_shape, operator.input_shape
-            self._start(X, operator.power_iteration, *shapes)
-        else:
-            W = self._matrix(X)
-            self._start(W, power_iteration, W.shape[:1], W.shape[1:])
-
-    def _matrix(self, X: Tensor) -> Tensor:
-        if self.dim != 0:
-            X = X.permute(self.dim, *(d for d in range(X.ndim) if d != self.dim))
-        return X.flatten(1)
+            self._refresh(*self._warm_start(operator, X))
 
     def _vector_norm(self, X: Tensor) -> Tensor:
         return X.norm(2, 0, keepdim=True).clamp_min(self.eps)
 
-    def _matrix_norm(self, X: Tensor) -> Tensor:
-        return largest_singular_value(self._matrix(X))
-
-    def _matrix_estimate(self, X: Tensor) -> Tensor:
-        W = self._matrix(X)
-        if self.training:
-            with torch.no_grad():
-                u, v = power_iteration(W, self._u, self._v, self.n_power_iterations, self.eps)
-                self._refresh(u, v)
-        u, v = self._frozen_vectors()
-        return singular_value_estimate(W, u, v)
-
-    def _operator_estimate(self, operator: ConvOperator, X: Tensor) -> Tensor:
+    def _estimate(self, operator: WeightOperator, X: Tensor) -> Tensor:
         if self.training:
             with torch.no_grad():
                 u, v = operator.power_iteration(
@@ -445,12 +389,18 @@ class SpectralNorm(Constraint):
     def right_inverse(self, X: Tensor) -> Tensor:
         """``X`` itself, with the vectors fitted to it (Note [Power-iteration state after a
         load or an assignment])."""
-        if "_u" in self._buffers and not X.is_meta:  # on the meta device: shapes only
-            keep = self._keep_next_fit and self._is_state_of(X)
+        operator = self._power_method()
+        if operator is not None and not X.is_meta:  # on the meta device: shapes only
+            keep = self._keep_next_fit and self._is_state_of(operator, X)
             self._keep_next_fit = False
             if not keep:
-                self._refresh(*self._fitted_vectors(X))
+                self._refresh(*self._fitted_vectors(operator, X))
         return X
+
+    def _is_state_of(self, operator: WeightOperator, X: Tensor) -> bool:
+        """Whether ``(u, v)`` is a power-method state of ``X``'s operator."""
+        X = upcast(X)
+        return operator.is_power_state(X, self._u.to(X.dtype), self._v.to(X.dtype), self.eps)
 
     def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Gaussian tensor rescaled into the set (with the exact ``sigma``)."""
@@ -478,13 +428,14 @@ class SpectralNorm(Constraint):
             )
 
     def extra_repr(self) -> str:
+        conv = self._operator if isinstance(self._operator, ConvOperator) else None
         options = {
             "n_power_iterations": self.n_power_iterations,
-            "dim": self.dim if self._operator is None else None,
+            "dim": self.dim if conv is None else None,
             "eps": self.eps,
             "bound": self.bound,
             "exact": self.exact or None,
-            "input_shape": None if self._operator is None else self._operator.input_shape,
+            "input_shape": None if conv is None else conv.input_shape,
         }
         return ", ".join(f"{key}={value}" for key, value in options.items() if value is not None)
 
@@ -550,12 +501,7 @@ def spectral_norm(
         raise TypeError(f"spectral_norm() needs an nn.Module; got {describe(module)}.")
     label = where(module, name)
     caller = f"spectral_norm() on {label}"  # how error messages start
-    weight = getattr(module, name, None)
-    if not isinstance(weight, Tensor):
-        raise ValueError(
-            f"{caller}: the module has no parameter or buffer named {name!r} (got "
-            f"{describe(weight)})."
-        )
+    weight = tensor_to_constrain(module, name)
     if not isinstance(conv_operator, bool):
         raise bad_type(caller, "conv_operator", "a bool", conv_operator)
     conv: Any = None
@@ -574,7 +520,7 @@ def spectral_norm(
         conv = module
     if dim is None:
         dim = 1 if isinstance(module, CONV_TRANSPOSE_LAYERS) else 0
-    _check_arguments(
+    settings = _checked(
         "spectral_norm()",
         label,
         weight,
@@ -586,51 +532,6 @@ def spectral_norm(
         conv,
         input_shape,
     )
-    constraint = SpectralNorm(
-        weight,
-        n_power_iterations,
-        dim,
-        eps,
-        bound=bound,
-        exact=exact,
-        conv=conv,
-        input_shape=input_shape,
-    )
-    register_constraint(module, name, constraint)
-    add_load_hook(module, functools.partial(_load_legacy_spectral_norm, name))
+    register_constraint(module, name, SpectralNorm._from_settings(weight, settings))
+    add_load_hook(module, functools.partial(load_spectral_norm, SpectralNorm, name))
     return module
-
-
-def _load_legacy_spectral_norm(
-    name: str,
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    *args: Any,
-) -> None:
-    """Rename ``weight_orig``, ``weight_u``, ``weight_v`` to the parametrization's keys.
-
-    See Note [Loading the checkpoints of torch's hook-based norms] in ``_legacy_checkpoints``.
-    The vectors are kept only where they mean the same as torch's: a power method on the
-    reshaped matrix. Exact and vector normalizations have none; a convolution operator gets
-    vectors fitted to the loaded original instead (Note [Power-iteration state after a load
-    or an assignment]).
-    """
-    constraint = first_parametrization(module, name)
-    if not isinstance(constraint, SpectralNorm):
-        return
-    keys = [f"{prefix}{name}_{suffix}" for suffix in ("orig", "u", "v")]
-    if not all(key in state_dict for key in keys):
-        return
-    original, u, v = (state_dict.pop(key) for key in keys)
-    block = f"{prefix}parametrizations.{name}."
-    state_dict[block + "original"] = original
-    if "_u" not in constraint._buffers:
-        return
-    if constraint._operator is None:
-        state_dict[block + "0._u"] = u
-        state_dict[block + "0._v"] = v
-    elif isinstance(original, Tensor) and original.shape == constraint._shape:
-        value = original.to(device=constraint._u.device, dtype=constraint._u.dtype)
-        for key, vector in constraint.state_for(value).items():
-            state_dict[f"{block}0.{key}"] = vector

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from torch import Tensor, nn
 
 from tether._checks import bad_dtype, bad_shape, bad_type, check_dim, where
-from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
+from tether.constraints._legacy_checkpoints import add_load_hook, load_weight_norm
 from tether.functional import norm_except_dim, weight_normalize
 from tether.parametrize import register_parametrization
 
@@ -99,6 +99,8 @@ def weight_norm(module: M, name: str = "weight", dim: int | None = 0) -> M:
         ['bias', 'parametrizations.weight.original0', 'parametrizations.weight.original1']
     """
     weight = getattr(module, name, None)
+    # A name that holds no tensor is left to register_parametrization, whose error (the same
+    # for every registering function) lists the tensors that can be parametrized.
     if isinstance(weight, Tensor):
         label = where(module, name)
         if not (weight.is_floating_point() or weight.is_complex()):
@@ -108,25 +110,5 @@ def weight_norm(module: M, name: str = "weight", dim: int | None = 0) -> M:
         if dim is not None:
             check_dim(dim, weight, f"weight_norm() on {label}")
     register_parametrization(module, name, WeightNorm(dim))
-    add_load_hook(module, functools.partial(_load_legacy_weight_norm, name))
+    add_load_hook(module, functools.partial(load_weight_norm, WeightNorm, name))
     return module
-
-
-def _load_legacy_weight_norm(
-    name: str,
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    *args: Any,
-) -> None:
-    """Rename ``weight_g``, ``weight_v`` to ``original0``, ``original1``.
-
-    See Note [Loading the checkpoints of torch's hook-based norms] in ``_legacy_checkpoints``.
-    """
-    if not isinstance(first_parametrization(module, name), WeightNorm):
-        return
-    g_key, v_key = f"{prefix}{name}_g", f"{prefix}{name}_v"
-    if g_key in state_dict and v_key in state_dict:
-        block = f"{prefix}parametrizations.{name}."
-        state_dict[block + "original0"] = state_dict.pop(g_key)
-        state_dict[block + "original1"] = state_dict.pop(v_key)
