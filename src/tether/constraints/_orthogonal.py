@@ -5,18 +5,28 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from tether import _cache
-from tether._checks import bad_shape, where
+from tether._checks import bad_shape, bad_value, choice, tensor_label, tensor_to_constrain
 from tether._parametrization_list import plists_of
 from tether.constraints._base import Constraint, Draw, default_atol, register_constraint, worst
+from tether.constraints._legacy_checkpoints import add_load_hook, first_parametrization
 from tether.constraints._rebase import averaged_module, original_against
+from tether.constraints._tall_orthogonal import (
+    apply_base,
+    cayley_columns,
+    compact_base,
+    complement_coordinates,
+    exp_columns,
+    is_orthonormal,
+    is_thin,
+)
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
-from tether.functional._precision import compute_dtype, precision_eps
+from tether.functional._precision import compute_dtype, upcast
 
 __all__ = [
     "Grassmannian",
@@ -31,6 +41,7 @@ __all__ = [
 M = TypeVar("M", bound=nn.Module)
 OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
 _MAPS = ("matrix_exp", "cayley", "householder")
+_GROUP_MAPS = ("matrix_exp", "cayley")  # the maps of SpecialOrthogonal and Grassmannian
 Distribution = Literal["uniform", "torus"]
 _DISTRIBUTIONS = ("uniform", "torus")
 
@@ -43,37 +54,71 @@ _DISTRIBUTIONS = ("uniform", "torus")
 #     ``tether.update_base`` does the same mid-training, which keeps long runs accurate
 #     ("dynamic trivialization", Lezcano-Casado 2019). The original's neutral point is
 #     ``-I`` rather than ``0`` because the Householder map reads signs from the diagonal, and
-#     the layout (``original``, ``0.base``) is torch's, so checkpoints move both ways.
+#     the layout (``original``, ``0.base``) is torch's, so checkpoints move both ways. A thin
+#     weight (n x k with n > 2k and n > 64) stores instead the k columns of its base, shape
+#     (n, k), and completes them implicitly (Note [Thin orthogonal weights] in
+#     ``_tall_orthogonal``); ``orthogonal()`` and ``grassmannian()`` convert PyTorch's square
+#     base of such a weight when loading its checkpoint (``_load_square_base``), and a
+#     constraint registered as a class keeps the square base it is given.
 
 
-def _tall_generator(X: Tensor) -> Tensor:
-    """The skew matrix of shape ``(*, n, n)`` that a tall ``(*, n, k)`` original encodes."""
+def _lower(X: Tensor, rotate: bool) -> Tensor:
+    """``L`` of shape ``(*, n, n)``, the generator ``L - Lᴴ`` of a tall ``(*, n, k)`` original.
+
+    ``L`` is the lower triangle of ``X``, padded with zero columns; without ``rotate`` (the
+    Grassmannian) its top ``k x k`` block is zero too.
+    """
     n, k = X.shape[-2], X.shape[-1]
-    L = X.tril()
+    L = X.tril() if rotate else torch.cat([torch.zeros_like(X[..., :k, :]), X[..., k:, :]], -2)
     if n != k:
         L = torch.cat([L, L.new_zeros(*L.shape[:-1], n - k)], dim=-1)
-    return L - L.mH
+    return L
 
 
-def _horizontal_generator(X: Tensor) -> Tensor:
-    """Like :func:`_tall_generator`, with the top ``k x k`` block zeroed (Grassmannian)."""
-    n, k = X.shape[-2], X.shape[-1]
-    L = torch.cat([torch.zeros_like(X[..., :k, :]), X[..., k:, :]], dim=-2)
-    L = torch.cat([L, L.new_zeros(*L.shape[:-1], n - k)], dim=-1)
-    return L - L.mH
+def _blocks(X: Tensor, rotate: bool) -> tuple[Tensor | None, Tensor]:
+    """``A`` (``None`` without ``rotate``) and ``B`` of the generator ``[[A, -Bᴴ], [B, 0]]``."""
+    k = X.shape[-1]
+    if not rotate:
+        return None, X[..., k:, :]
+    L = X[..., :k, :].tril()
+    return L - L.mH, X[..., k:, :]
 
 
-def _tall_map(
-    group_map: Callable[[Tensor], Tensor], generator: Callable[[Tensor], Tensor], X: Tensor
-) -> Tensor:
-    """``group_map(generator(X))``, cut to the columns of a tall ``X``.
+def _exp_map(rotate: bool, X: Tensor) -> Tensor:
+    """The first ``k`` columns of ``exp`` of the generator of a tall ``X``.
 
-    Bound to its two maps with ``functools.partial`` rather than a closure, so that the
-    constraint holding it pickles (a closure cannot be pickled by reference).
+    A module-level function bound with ``functools.partial`` rather than a closure, so that
+    the constraint holding it pickles (a closure cannot be pickled by reference).
     """
-    Q = group_map(generator(X))
+    n, k = X.shape[-2], X.shape[-1]
+    if is_thin(n, k):
+        return exp_columns(*_blocks(X, rotate))
+    # skew_matrix_exp takes the skew part of its input itself: given 2L it exponentiates
+    # L - Lᴴ, the generator, without a second skew part being taken here.
+    Q = skew_matrix_exp(2 * _lower(X, rotate))
     # (no slice for a square X: one autograd node fewer, which small matrices notice)
-    return Q if X.shape[-1] == X.shape[-2] else Q[..., : X.shape[-1]]
+    return Q if n == k else Q[..., :k]
+
+
+def _cayley_map(rotate: bool, X: Tensor) -> Tensor:
+    """The first ``k`` columns of ``cayley`` of the generator of a tall ``X`` (see
+    :func:`_exp_map`)."""
+    n, k = X.shape[-2], X.shape[-1]
+    if is_thin(n, k):
+        return cayley_columns(*_blocks(X, rotate))
+    L = _lower(X, rotate)
+    Q = cayley(L - L.mH)
+    return Q if n == k else Q[..., :k]
+
+
+def _householder_map(X: Tensor) -> Tensor:
+    """:func:`householder` of a tall ``X``; for a thin one, always in compact WY form.
+
+    ``"auto"`` takes :func:`torch.linalg.householder_product` below 8 reflectors, whose
+    backward forms an ``n x n`` matrix; the WY form stays ``O(n k²)`` (Note [Thin orthogonal
+    weights]).
+    """
+    return householder(X, algorithm="wy") if is_thin(X.shape[-2], X.shape[-1]) else householder(X)
 
 
 def _neutral(like: Tensor) -> Tensor:
@@ -83,20 +128,35 @@ def _neutral(like: Tensor) -> Tensor:
     return neutral
 
 
-def _is_orthonormal(Q: Tensor) -> bool:
-    k = Q.shape[-1]
-    eye = torch.eye(k, dtype=Q.dtype, device=Q.device)
-    return torch.allclose(Q.mH @ Q, eye, atol=10.0 * Q.shape[-2] * precision_eps(Q))
-
-
 def _complete(Q: Tensor) -> Tensor:
     """A square orthogonal matrix whose first columns are (the QR projection of) tall ``Q``."""
     n, k = Q.shape[-2], Q.shape[-1]
     if n == k:
         # On the meta device there are no values to check: only shapes matter there.
-        return Q.clone() if not Q.is_meta and _is_orthonormal(Q) else orthonormalize(Q)
+        return Q.clone() if not Q.is_meta and is_orthonormal(Q) else orthonormalize(Q)
     extra = torch.randn(*Q.shape[:-2], n, n - k, dtype=Q.dtype, device=Q.device)
     return orthonormalize(torch.cat([Q, extra], dim=-1))
+
+
+def _with_base(base: Tensor, Q: Tensor) -> Tensor:
+    """``base @ Q`` for a square base, ``[U, U⊥] @ Q`` for a compact one (a thin weight's)."""
+    if base.shape[-1] == base.shape[-2]:
+        return base @ Q
+    return apply_base(base, Q)
+
+
+def householder_inverse(tall: Tensor) -> Tensor:
+    """The original ``X`` with ``householder(X) == tall``, for ``tall`` with orthonormal columns.
+
+    The reflectors of ``tall``'s QR decomposition, with ``diag(R) > 0`` folded into the signs
+    of the diagonal; for another ``tall``, those of the ``Q`` of its QR decomposition.
+    """
+    A, tau = torch.geqrf(tall)
+    # diag(R) > 0: keep the reflectors' signs on the diagonal; LAPACK returns tau == 0
+    # exactly when it skips a reflection, which flips the sign convention for that column.
+    A.diagonal(dim1=-2, dim2=-1).sign_()
+    A.diagonal(dim1=-2, dim2=-1)[tau == 0.0] *= -1
+    return A
 
 
 class Orthogonal(Constraint):
@@ -117,6 +177,12 @@ class Orthogonal(Constraint):
     orthogonal weight as it is and replaces any other by the ``Q`` of its QR decomposition
     (as PyTorch does).
 
+    A thin weight, ``n x k`` (or ``k x n``) with ``n > 2k`` and ``n > 64`` (an embedding, a
+    projection to few features), costs ``O(n k²)`` time and ``O(n k)`` memory with every
+    map: its ``base`` is stored as its ``k`` orthonormal columns, shape ``(*, n, k)``,
+    rather than PyTorch's ``(*, n, n)`` (see ``docs/serialization.md`` for moving such
+    checkpoints between the two libraries). Other shapes keep PyTorch's layout.
+
     Args:
         orthogonal_map: ``"matrix_exp"``, ``"cayley"`` or ``"householder"``.
         use_trivialization: keep a base point (see above). Without it, assignment works only
@@ -136,6 +202,8 @@ class Orthogonal(Constraint):
     """
 
     base: Tensor | None
+    # The maps the class offers (SpecialOrthogonal and Grassmannian offer two).
+    _maps: tuple[str, ...] = _MAPS
 
     def __init__(
         self,
@@ -145,11 +213,7 @@ class Orthogonal(Constraint):
         size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(size=size)
-        if orthogonal_map not in _MAPS:
-            raise ValueError(
-                f"orthogonal_map must be one of {', '.join(repr(m) for m in _MAPS)}; "
-                f"got {orthogonal_map!r}."
-            )
+        choice(orthogonal_map, "orthogonal_map", self._maps, f"{type(self).__name__}()")
         self.orthogonal_map = orthogonal_map
         self.use_trivialization = use_trivialization
         self._map = self._choose_map(orthogonal_map)
@@ -158,9 +222,9 @@ class Orthogonal(Constraint):
 
     def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
         if orthogonal_map == "householder":
-            return householder
-        group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley
-        return functools.partial(_tall_map, group_map, _tall_generator)
+            return _householder_map
+        group_map = _exp_map if orthogonal_map == "matrix_exp" else _cayley_map
+        return functools.partial(group_map, True)
 
     def forward(self, X: Tensor) -> Tensor:
         transposed = X.shape[-2] < X.shape[-1]
@@ -174,7 +238,7 @@ class Orthogonal(Constraint):
                     "tether.register_parametrization (or assign a weight) before using it."
                 )
             # The base is stored in the weight's dtype: cast it to the one computed in.
-            Q = self.base.to(Q.dtype) @ Q
+            Q = _with_base(self.base.to(Q.dtype), Q)
         return Q.mT if transposed else Q
 
     @torch.no_grad()
@@ -191,15 +255,26 @@ class Orthogonal(Constraint):
                 "no right inverse: use use_trivialization=True (the default) or "
                 "orthogonal_map='householder' to assign weights."
             )
-        A, tau = torch.geqrf(tall)
-        # diag(R) > 0: keep the reflectors' signs on the diagonal; LAPACK returns tau == 0
-        # exactly when it skips a reflection, which flips the sign convention for that column.
-        A.diagonal(dim1=-2, dim2=-1).sign_()
-        A.diagonal(dim1=-2, dim2=-1)[tau == 0.0] *= -1
+        A = householder_inverse(tall)
         return A.mT if transposed else A
 
     def _base_for(self, tall: Tensor) -> Tensor:
-        return _complete(tall)
+        n, k = tall.shape[-2], tall.shape[-1]
+        return compact_base(tall) if is_thin(n, k) else _complete(tall)
+
+    def coordinates(self, tall: Tensor) -> Tensor:
+        """``baseᴴ @ tall``: a tall matrix in the coordinates of the base point.
+
+        With a compact base (a thin weight), ``[U, U⊥]ᴴ @ tall`` (Note [Thin orthogonal
+        weights]). ``forward`` of an original maps to ``base`` applied to the map's columns;
+        this undoes the base.
+        """
+        if self.base is None:
+            raise RuntimeError(f"{type(self).__name__} has no base point yet.")
+        base = self.base.to(tall.dtype)
+        if base.shape[-1] == base.shape[-2]:
+            return base.mH @ tall
+        return complement_coordinates(base, tall)
 
     def _set_base(self, base: Tensor) -> None:
         current = self.base
@@ -213,6 +288,28 @@ class Orthogonal(Constraint):
         else:
             # QR returns column-major matrices; safetensors saves only contiguous tensors.
             self.base = base.contiguous()
+
+    def _base_shapes(self) -> tuple[torch.Size, ...]:
+        """The shapes the base may have: square (PyTorch's) and, for a thin weight, compact."""
+        if self._target is None:
+            return ()
+        shape = self._target[0]
+        *batch, n, k = (*shape[:-2], shape[-1], shape[-2]) if shape[-2] < shape[-1] else shape
+        return (torch.Size((*batch, n, n)), torch.Size((*batch, n, k)))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A thin weight's base is compact where PyTorch's is square (Note [Trivialization
+        # with a base point]): this takes either, and forward applies the one it holds, so
+        # that a checkpoint of either library keeps its weight.
+        incoming, current = state_dict.get(prefix + "base"), self._buffers.get("base")
+        if (
+            isinstance(incoming, Tensor)
+            and isinstance(current, Tensor)
+            and incoming.shape != current.shape
+            and incoming.shape in self._base_shapes()
+        ):
+            self.base = current.new_empty(incoming.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def sample(
         self,
@@ -267,17 +364,12 @@ class Orthogonal(Constraint):
                     f"{shape!r} and distribution={distribution!r}. Pass it once."
                 )
             shape, distribution = None, shape
+        owner = f"{type(self).__name__}.sample()"
         distribution = "uniform" if distribution is None else distribution
-        if distribution not in _DISTRIBUTIONS:
-            raise ValueError(
-                f"{type(self).__name__}.sample(): distribution must be one of "
-                f"{', '.join(repr(d) for d in _DISTRIBUTIONS)}; got {distribution!r}."
-            )
+        choice(distribution, "distribution", _DISTRIBUTIONS, owner)
         if init_ is not None and distribution != "torus":
-            raise ValueError(
-                f"{type(self).__name__}.sample(): init_ draws the torus' angles; it needs "
-                f"distribution='torus', got {distribution!r}."
-            )
+            hint = "init_ draws the torus' angles."
+            raise bad_value(owner, "distribution", "'torus' with init_", distribution, hint)
         return self._sample(shape, dtype, device, generator, distribution=distribution, init_=init_)
 
     def _draw(
@@ -309,12 +401,16 @@ class Orthogonal(Constraint):
             angles = torch.empty(*batch, n // 2, dtype=real, device=draw.device)
             with torch.no_grad():
                 init_(angles)
-        below = torch.zeros(*batch, max(n - 1, 0), dtype=real, device=draw.device)
-        below[..., ::2] = angles
+        # The 2 x 2 blocks that meet the first k columns fill the top m x m corner; below it,
+        # those columns are zero (m x m rather than n x n: a tall sample costs O(n k)).
+        m = min(n, k + k % 2)
+        below = torch.zeros(*batch, max(m - 1, 0), dtype=real, device=draw.device)
+        below[..., ::2] = angles[..., : m // 2]
         S = torch.diag_embed(below, offset=-1)
         S = (S - S.mT).to(draw.dtype)
         group_map = cayley if self.orthogonal_map == "cayley" else skew_matrix_exp
-        return group_map(S)[..., :k]
+        Q = group_map(S)[..., :k]
+        return Q if m == n else F.pad(Q, (0, 0, 0, n - m))
 
     def distance(self, X: Tensor) -> Tensor:
         """``max |Qᴴ Q - I|`` over the entries (``Q Qᴴ`` for a wide ``X``)."""
@@ -359,6 +455,7 @@ class SpecialOrthogonal(Orthogonal):
     """
 
     supports_complex = False
+    _maps = _GROUP_MAPS
 
     def __init__(
         self,
@@ -366,11 +463,6 @@ class SpecialOrthogonal(Orthogonal):
         *,
         size: Sequence[int] | None = None,
     ) -> None:
-        if orthogonal_map not in ("matrix_exp", "cayley"):
-            raise ValueError(
-                f"special_orthogonal() supports orthogonal_map 'matrix_exp' or 'cayley'; "
-                f"got {orthogonal_map!r}."
-            )
         super().__init__(orthogonal_map, use_trivialization=True, size=size)
 
     def _base_for(self, tall: Tensor) -> Tensor:
@@ -427,22 +519,19 @@ class Grassmannian(Orthogonal):
         True
     """
 
+    _maps = _GROUP_MAPS
+
     def __init__(
         self,
         orthogonal_map: Literal["matrix_exp", "cayley"] = "matrix_exp",
         *,
         size: Sequence[int] | None = None,
     ) -> None:
-        if orthogonal_map not in ("matrix_exp", "cayley"):
-            raise ValueError(
-                f"grassmannian() supports orthogonal_map 'matrix_exp' or 'cayley'; "
-                f"got {orthogonal_map!r}."
-            )
         super().__init__(orthogonal_map, use_trivialization=True, size=size)
 
     def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
-        group_map = skew_matrix_exp if orthogonal_map == "matrix_exp" else cayley
-        return functools.partial(_tall_map, group_map, _horizontal_generator)
+        group_map = _exp_map if orthogonal_map == "matrix_exp" else _cayley_map
+        return functools.partial(group_map, False)
 
     def check_shape(self, shape: torch.Size, label: str) -> None:
         if len(shape) < 2:
@@ -460,7 +549,10 @@ def orthogonal(
 
     A drop-in for :func:`torch.nn.utils.parametrizations.orthogonal`: same signature, default
     map (``"matrix_exp"`` for square or complex weights, ``"householder"`` otherwise),
-    numerics and ``state_dict`` keys, so checkpoints load both ways. See :class:`Orthogonal`.
+    numerics and ``state_dict`` keys, so checkpoints load both ways; except that a thin
+    weight (``n x k``, ``n > 2k``, ``n > 64``) stores its base as ``n x k`` and costs
+    ``O(n k²)``: PyTorch's checkpoints of it load (converted), and ``tether.plain_state_dict``
+    takes it to PyTorch. See :class:`Orthogonal`.
 
     Args:
         module: the module holding the tensor.
@@ -485,22 +577,19 @@ def orthogonal(
         >>> torch.allclose(Q.T @ Q, torch.eye(3), atol=1e-6)
         True
     """
-    weight = getattr(module, name, None)
-    if not isinstance(weight, Tensor):
-        raise ValueError(
-            f"orthogonal() on {where(module, name)}: there is no parameter or buffer of that "
-            "name. Pass name='...' with the tensor to constrain."
-        )
+    weight = tensor_to_constrain(module, name)
     if weight.ndim >= 2 and orthogonal_map is None:
         square = weight.shape[-2] == weight.shape[-1]
         orthogonal_map = "matrix_exp" if square or weight.is_complex() else "householder"
     if orthogonal_map == "householder" and weight.is_complex():
         raise ValueError(
-            f"orthogonal() on {where(module, name)}: the householder map does not support "
+            f"orthogonal() on {tensor_label(module, name)}: the householder map does not support "
             "complex tensors. Use orthogonal_map='matrix_exp' or 'cayley'."
         )
     constraint = Orthogonal(orthogonal_map or "matrix_exp", use_trivialization=use_trivialization)
-    return register_constraint(module, name, constraint)
+    register_constraint(module, name, constraint)
+    add_load_hook(module, functools.partial(_load_square_base, name))
+    return module
 
 
 def special_orthogonal(
@@ -516,10 +605,10 @@ def special_orthogonal(
     Raises:
         ValueError: the tensor is not square (or a batch of square matrices), or is complex.
     """
-    weight = getattr(module, name, None)
-    if isinstance(weight, Tensor) and weight.is_complex():
+    weight = tensor_to_constrain(module, name)
+    if weight.is_complex():
         raise ValueError(
-            f"special_orthogonal() on {where(module, name)} needs a real tensor; got "
+            f"special_orthogonal() on {tensor_label(module, name)} needs a real tensor; got "
             f"{weight.dtype}. For unitary matrices use tether.orthogonal."
         )
     return register_constraint(module, name, SpecialOrthogonal(orthogonal_map))
@@ -535,7 +624,42 @@ def grassmannian(
         name: the tensor to constrain, a matrix or a batch of them ``(*, n, k)``.
         orthogonal_map: ``"matrix_exp"`` (default) or ``"cayley"``; geotorch's ``triv``.
     """
-    return register_constraint(module, name, Grassmannian(orthogonal_map))
+    register_constraint(module, name, Grassmannian(orthogonal_map))
+    add_load_hook(module, functools.partial(_load_square_base, name))
+    return module
+
+
+def _load_square_base(
+    name: str, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Give a thin weight's checkpoint with PyTorch's square base the compact one, same weight.
+
+    A load_state_dict pre-hook on ``module`` (the pattern of Note [Loading the checkpoints
+    of torch's hook-based norms]), for the weight's chain whose first parametrization is an
+    :class:`Orthogonal` with a base point: the weight ``W = base @ map(original)`` becomes
+    the base (compact) and the original the neutral point, as :func:`update_base` leaves
+    them; computed once, in double precision. It costs ``O(n² k)``, the size of the square
+    base read. Anything else (another layout, a chain whose first parametrization is not
+    the orthogonal one) is left to :meth:`Orthogonal._load_from_state_dict`, which keeps a
+    square base as it is.
+    """
+    constraint = first_parametrization(module, name)
+    if not isinstance(constraint, Orthogonal) or not constraint.use_trivialization:
+        return
+    block = f"{prefix}parametrizations.{name}."
+    base, original = state_dict.get(block + "0.base"), state_dict.get(block + "original")
+    if not (isinstance(base, Tensor) and isinstance(original, Tensor)):
+        return
+    transposed = original.shape[-2] < original.shape[-1]
+    tall = original.mT if transposed else original
+    *batch, n, k = tall.shape
+    if base.is_meta or not is_thin(n, k) or base.shape != (*batch, n, n):
+        return
+    precise = torch.complex128 if tall.is_complex() else torch.float64
+    with torch.no_grad():
+        W = base.to(precise) @ constraint._map(tall.to(precise))
+        state_dict[block + "0.base"] = compact_base(W).to(base.dtype)
+        state_dict[block + "original"] = _neutral(original)
 
 
 def _layout(chain: nn.Module) -> dict[str, torch.Size]:
@@ -606,7 +730,7 @@ def update_base(
         >>> torch.allclose(ema.module.weight, average, atol=1e-6)
         True
     """
-    who = f"update_base() on {where(module, name)}"
+    who = f"update_base() on {tensor_label(module, name)}"
     plist = plists_of(module).get(name)
     if plist is None:
         raise ValueError(
@@ -665,13 +789,12 @@ def update_base(
             copy_constraint._set_base(
                 base.to(device=value.device, dtype=compute_dtype(value.dtype))
             )
-            householder_inverse = Orthogonal("householder", use_trivialization=False)
-            original = original_against(
-                base.to(value.device),
-                value,
-                constraint.orthogonal_map,
-                householder_inverse.right_inverse,
+            transposed = value.shape[-2] < value.shape[-1]
+            tall = upcast(value.mT if transposed else value)
+            A = original_against(
+                copy_constraint.coordinates(tall), constraint.orthogonal_map, householder_inverse
             )
+            original = None if A is None else (A.mT if transposed else A).to(value.dtype)
             error = (
                 float("inf")
                 if original is None
@@ -684,7 +807,7 @@ def update_base(
                     "Call update_base more often, or rebuild the averaged copy."
                 )
             copy_chain.original.copy_(original)
-        _cache.invalidate(copy_chain)
+        copy_chain.changed()
     except BaseException:
         for each, state in saved:
             each.load_state_dict(state)

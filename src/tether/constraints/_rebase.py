@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from tether.functional import cayley, orthonormalize, skew_matrix_exp
-from tether.functional._precision import precision_eps, upcast
+from tether.functional._precision import precision_eps
 
 __all__ = [
     "averaged_module",
@@ -42,8 +42,21 @@ __all__ = [
 #     weight. ``A'`` takes the inverse of ``map`` near the identity (``B'ᴴ W_copy`` is close
 #     to it when the copy follows the model): the logarithm for ``matrix_exp``, the inverse
 #     Cayley map, the QR-based right inverse for ``householder``; for tall weights with the
-#     first two, ``columns_generator``. A Grassmannian weight moves only across subspaces,
+#     first two, ``columns_generator``, through 2k x 2k blocks when n >= 2k (Note [The Stiefel
+#     logarithm through 2k x 2k blocks]). A Grassmannian weight moves only across subspaces,
 #     so ``B'ᴴ W_copy`` is generally out of its map's reach: not supported.
+
+# Note [The Stiefel logarithm through 2k x 2k blocks]
+#     A tall generator S = [[A, -Bᴴ], [B, 0]] (n x n) with B = Q_B R (a thin QR, n - k >= k)
+#     is J S₂ Jᴴ with J = diag(I, Q_B), which has orthonormal columns, and S₂ =
+#     [[A, -Rᴴ], [R, 0]] (2k x 2k); S vanishes off the range of J, so f(S) E = J f(S₂) E for
+#     every analytic f (E = [I; 0]), the exponential and the Cayley map among them
+#     (Edelman, Arias, Smith 1998). Conversely, to find S with f(S) E = Y = [M; N], take the
+#     thin QR N = Q_N R_N and the 2k x k matrix Y₂ = [M; R_N] (orthonormal columns, as Y's):
+#     a zero-corner S₂ with f(S₂) E = Y₂ gives S = J S₂ Jᴴ (J = diag(I, Q_N)) with
+#     f(S) E = J Y₂ = Y, and its original is S₂'s with the bottom block multiplied by Q_N.
+#     columns_generator then completes and iterates on 2k x 2k matrices: O(n k²) in all,
+#     where completing Y itself would cost O(n³).
 
 
 def _half_cayley(Q: Tensor) -> Tensor | None:
@@ -107,7 +120,7 @@ def columns_generator(
     """A skew ``S`` of shape ``(*, n, n)``, zero in its last ``n - k`` rows and columns'
     corner block, with ``group_map(S)[..., :k] == Y`` for ``Y`` of shape ``(*, n, k)``.
 
-    The generators of tall orthogonal weights have that zero corner (``_tall_generator``),
+    The generators of tall orthogonal weights have that zero corner (``_lower``),
     so a tall ``Y`` needs more than ``inverse``: the columns that complete ``Y`` to a square
     matrix are turned until ``inverse`` of the completion has a zero corner, the iteration
     of Zimmermann (2017) for the Stiefel logarithm, here for any ``group_map`` whose
@@ -148,7 +161,7 @@ def columns_generator(
 
 
 def original_of(S: Tensor, k: int) -> Tensor:
-    """The original of shape ``(*, n, k)`` whose tall generator is ``S`` (see ``_tall_generator``).
+    """The original of shape ``(*, n, k)`` whose tall generator is ``S`` (see ``_lower``).
 
     The generator reads the lower triangle of the original, and of its diagonal only the
     imaginary part; the entries it ignores get the neutral point's values (``-1`` on the
@@ -168,33 +181,32 @@ def averaged_module(averaged: nn.Module) -> nn.Module:
 
 
 def original_against(
-    base: Tensor,
-    Q: Tensor,
+    Y: Tensor,
     orthogonal_map: str,
     householder_inverse: Callable[[Tensor], Tensor],
 ) -> Tensor | None:
-    """The original ``A`` with ``base @ map(A) == Q``, in ``Q``'s orientation and dtype.
+    """The tall original ``A`` with ``map(A) == Y``, for ``Y`` tall with orthonormal columns.
 
-    ``Q`` is wide or tall, as the constraint sees it (a wide one works through its
-    transpose); ``base`` is the square base of the tall side. ``householder_inverse`` is the
-    right inverse of the Householder map, taking and giving the orientation of ``Q``.
-    ``None`` where there is no such ``A`` near the neutral point (``Q`` too far from
-    ``base``): see Note [An averaged copy and update_base].
+    ``Y`` is the weight in the coordinates of the base point (``baseᴴ Q``, or its compact
+    form: ``Orthogonal.coordinates``), so that ``base @ map(A)`` is the weight.
+    ``householder_inverse`` is the right inverse of the Householder map. ``None`` where there
+    is no such ``A`` near the neutral point (``Y`` too far from ``[I; 0]``): see Note [An
+    averaged copy and update_base]. ``O(n k²)`` for ``n >= 2k`` (Note [The Stiefel logarithm
+    through 2k x 2k blocks]), ``O(n³)`` below, where that is ``O(k³)``.
     """
-    transposed = Q.shape[-2] < Q.shape[-1]
-    tall = upcast(Q.mT if transposed else Q)
-    Y = base.to(tall.dtype).mH @ tall
     if orthogonal_map == "householder":
-        A: Tensor | None = householder_inverse(Y.mT if transposed else Y)
-    else:
-        inverse, group_map = (
-            (skew_log, skew_matrix_exp)
-            if orthogonal_map == "matrix_exp"
-            else (cayley_inverse, cayley)
-        )
-        tolerance = 10 * Y.shape[-2] * precision_eps(Y)
+        return householder_inverse(Y)
+    inverse, group_map = (
+        (skew_log, skew_matrix_exp) if orthogonal_map == "matrix_exp" else (cayley_inverse, cayley)
+    )
+    n, k = Y.shape[-2], Y.shape[-1]
+    tolerance = 10 * n * precision_eps(Y)
+    if n < 2 * k:
         S = columns_generator(Y, inverse, group_map, tolerance)
-        A = None if S is None else original_of(S, Y.shape[-1])
-        if A is not None and transposed:
-            A = A.mT
-    return None if A is None else A.to(Q.dtype)
+        return None if S is None else original_of(S, k)
+    Q_N, R_N = torch.linalg.qr(Y[..., k:, :])
+    S = columns_generator(torch.cat([Y[..., :k, :], R_N], dim=-2), inverse, group_map, tolerance)
+    if S is None:
+        return None
+    small = original_of(S, k)
+    return torch.cat([small[..., :k, :], Q_N @ small[..., k:, :]], dim=-2)
