@@ -1,4 +1,5 @@
-"""skew_matrix_exp: the exponential of skew matrices from one eigendecomposition."""
+"""skew_matrix_exp: the exponential of skew matrices from one eigendecomposition ("eigh"), and
+the choice among its paths (the matrix products and the closed forms have files of their own)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether.functional import skew_matrix_exp, skew_part
+from tether.functional._skew_exp import (
+    CPU_EIGH_MIN,
+    CPU_MATMUL_MIN_WORK,
+    _algorithm,
+    algorithm_for,
+)
 from tether.functional._skew_exp_math import _divided_differences
 
 REAL = [torch.float32, torch.float64]
@@ -237,19 +244,98 @@ def test_vmap_jacrev_and_jacfwd_agree_with_torch():
 # The choice of algorithm
 
 
-def test_auto_is_torch_below_32_and_eigh_from_32_on_a_cpu():
-    small = torch.randn(31, 31)
-    assert torch.equal(skew_matrix_exp(small), torch.linalg.matrix_exp(skew_part(small)))
-    large = torch.randn(32, 32, requires_grad=True)
-    assert type(skew_matrix_exp(large).grad_fn).__name__ == "_SkewExpBackward"
+# (device type, n, dtype) -> the path "auto" takes (Note [Choosing the algorithm])
+CHOICES = [
+    ("cpu", 1, torch.float32, 1, "closed_form"),
+    ("cpu", 2, torch.complex64, 1, "closed_form"),
+    ("cpu", 3, torch.float64, 65536, "closed_form"),
+    ("cpu", 3, torch.complex128, 1, "torch"),
+    ("cpu", 3, torch.complex128, 4096, "matmul"),
+    ("cpu", 4, torch.float32, 2, "torch"),
+    ("cpu", 4, torch.float32, 512, "matmul"),
+    ("cpu", 5, torch.float32, 65536, "matmul"),
+    ("cpu", 31, torch.float64, 1, "torch"),
+    ("cpu", 32, torch.float64, 1, "matmul"),
+    ("cpu", 191, torch.float32, 1, "matmul"),
+    ("cpu", 192, torch.float32, 1, "eigh"),
+    ("cpu", 127, torch.float64, 3, "matmul"),
+    ("cpu", 128, torch.float64, 1, "eigh"),
+    ("cpu", 95, torch.complex64, 1, "matmul"),
+    ("cpu", 96, torch.complex128, 1, "eigh"),
+    ("cpu", 1024, torch.float32, 8, "eigh"),
+    ("cpu", 64, torch.bfloat16, 1, "torch"),
+    ("cuda", 3, torch.float32, 1, "closed_form"),
+    ("cuda", 3, torch.complex64, 1, "matmul"),
+    ("cuda", 4, torch.float32, 1, "matmul"),
+    ("cuda", 4096, torch.float64, 1, "matmul"),
+    ("cuda", 64, torch.float16, 1, "torch"),
+    ("mps", 256, torch.float32, 1, "matmul"),
+]
+
+
+@pytest.mark.parametrize(("device_type", "n", "dtype", "batch", "expected"), CHOICES)
+def test_auto_takes_the_measured_fastest_path(device_type, n, dtype, batch, expected):
+    assert algorithm_for(device_type, n, dtype, batch) == expected
+
+
+@pytest.mark.parametrize("dtype", list(CPU_EIGH_MIN))
+def test_cpu_thresholds_are_the_named_constants(dtype):
+    n = CPU_EIGH_MIN[dtype]
+    assert algorithm_for("cpu", n - 1, dtype) == "matmul"
+    assert algorithm_for("cpu", n, dtype) == "eigh"
+    assert algorithm_for("cpu", 8, dtype, CPU_MATMUL_MIN_WORK // 8**3) == "matmul"
+    assert algorithm_for("cpu", 8, dtype, CPU_MATMUL_MIN_WORK // 8**3 - 1) == "torch"
+
+
+@pytest.mark.parametrize(
+    ("device", "shape", "expected"),
+    [
+        ("cpu", (2, 3, 3), "closed_form"),
+        ("cpu", (2, 8, 8), "torch"),
+        ("cpu", (64, 8, 8), "matmul"),
+        ("cpu", (2, 40, 40), "matmul"),
+        ("cpu", (200, 200), "eigh"),
+        ("meta", (2, 8, 8), "matmul"),
+        ("meta", (200, 200), "matmul"),
+    ],
+)
+def test_auto_reads_the_device_type_shape_and_dtype_of_its_input(device, shape, expected):
+    assert _algorithm(torch.empty(shape, device=device), "auto") == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "grad_fn"),
+    [
+        (3, "_RodriguesBackward"),
+        (8, "LinalgMatrixExpBackward0"),
+        (40, "_SkewExpMatmulBackward"),
+        (200, "_SkewExpBackward"),
+    ],
+)
+def test_auto_runs_the_path_it_chose(n, grad_fn):
+    X = torch.randn(n, n, requires_grad=True)
+    assert type(skew_matrix_exp(X).grad_fn).__name__ == grad_fn
+
+
+@pytest.mark.parametrize("algorithm", ["closed_form", "eigh", "matmul", "torch"])
+def test_every_algorithm_can_be_forced(algorithm):
+    X = torch.randn(2, 3, 3, dtype=torch.float64)
+    expected = torch.linalg.matrix_exp(skew_part(X))
+    torch.testing.assert_close(skew_matrix_exp(X, algorithm=algorithm), expected)
 
 
 def test_unknown_algorithm_is_rejected_with_the_allowed_values():
-    with pytest.raises(ValueError, match=r"'auto', 'eigh', 'torch'; got 'pade'"):
+    allowed = "'auto', 'closed_form', 'eigh', 'matmul', 'torch'"
+    with pytest.raises(ValueError, match=rf"{allowed}; got 'pade'"):
         skew_matrix_exp(torch.zeros(2, 2), algorithm="pade")  # type: ignore[arg-type]
 
 
 # Under torch.compile: two custom operators (Note [The skew exponential under torch.compile])
+
+
+def eigh(X: torch.Tensor) -> torch.Tensor:
+    return skew_matrix_exp(X, algorithm="eigh")
+
 
 OP_CASES = {
     "float64": ((33, 33), torch.float64, 1.0),
@@ -273,9 +359,9 @@ def test_compiled_value_and_gradient_match_eager(norm):
     torch._dynamo.reset()
     X = skew((2, 40, 40), torch.float64, torch.Generator().manual_seed(1), norm)
     G = torch.randn_like(X)
-    compiled = torch.compile(skew_matrix_exp, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(eigh, fullgraph=True, backend="aot_eager")
     results = []
-    for function in (compiled, skew_matrix_exp):
+    for function in (compiled, eigh):
         leaf = X.clone().requires_grad_()
         Q = function(leaf)
         (Q * G).sum().backward()
@@ -285,7 +371,7 @@ def test_compiled_value_and_gradient_match_eager(norm):
 
 def test_compiled_graph_holds_the_custom_operator_without_breaks():
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(skew_matrix_exp)(torch.randn(40, 40))
+    explanation = torch._dynamo.explain(eigh)(torch.randn(40, 40))
     assert explanation.graph_break_count == 0
     (graph,) = explanation.graphs
     targets = {str(node.target) for node in graph.graph.nodes}
@@ -296,14 +382,14 @@ def test_compiled_graph_holds_the_custom_operator_without_breaks():
 @FORWARD_AD
 def test_gradcheck_through_the_compiled_operators():
     torch._dynamo.reset()
-    compiled = torch.compile(skew_matrix_exp, backend="aot_eager")
+    compiled = torch.compile(eigh, backend="aot_eager")
     X = skew((33, 33), torch.float64, torch.Generator().manual_seed(2), 12.0).requires_grad_()
     assert torch.autograd.gradcheck(compiled, (X,))
 
 
 def test_compiled_second_derivatives_raise_instead_of_coming_out_wrong():
     torch._dynamo.reset()
-    compiled = torch.compile(skew_matrix_exp, backend="aot_eager")
+    compiled = torch.compile(eigh, backend="aot_eager")
     X = torch.randn(33, 33, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(compiled(X).sum(), X, create_graph=True)
     with pytest.raises(RuntimeError):

@@ -1,37 +1,74 @@
-"""The exponential of a skew-symmetric (skew-Hermitian) matrix from one eigendecomposition,
-for autograd and for ``torch.compile``."""
+"""The exponential of a skew-symmetric (skew-Hermitian) matrix: closed forms for n ≤ 3, one
+eigendecomposition, or matrix products only, chosen per device and size; for autograd and for
+``torch.compile``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from tether.functional._first_order import first_order
-from tether.functional._skew_exp_math import (
-    MIN_SIZE,
-    exponential,
-    gradient,
-    largest_angle,
-    powers,
-)
+from tether.functional._skew_exp_backward import skew_exp_backward
+from tether.functional._skew_exp_math import exponential, gradient, largest_angle, powers
+from tether.functional._skew_exp_matmul import skew_exp_matmul
+from tether.functional._skew_exp_small import has_closed_form, small_skew_exp
 
 __all__ = ["skew_matrix_exp"]
 
-SkewExpAlgorithm = Literal["auto", "eigh", "torch"]
+SkewExpAlgorithm = Literal["auto", "closed_form", "eigh", "matmul", "torch"]
+_ALGORITHMS = ("auto", "closed_form", "eigh", "matmul", "torch")
+_SUPPORTED = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+# Note [Choosing the algorithm]
+#     "auto" takes, for each device type and n, the fastest path for forward plus backward
+#     (benchmarks/skew_exp.py and the measurements below):
+#     - n <= 3 (n <= 2 complex), any device: the closed forms (_skew_exp_small.py), a few
+#       passes over the batch.
+#     - Other devices than the CPU (CUDA): the matrix products (_skew_exp_matmul.py), what an
+#       accelerator does best; an eigendecomposition there is slow and synchronises.
+#     - The CPU: the eigendecomposition (_skew_exp_math.py) from n = CPU_EIGH_MIN on, where
+#       its three products forward and five backward beat the products' 3 (k + s); below it
+#       the products, unless the batch holds less work than one product of two 32 x 32
+#       matrices (batch n³ < CPU_MATMUL_MIN_WORK), where torch.linalg.matrix_exp's shorter
+#       overhead (C++ against Python) wins.
+#     - Other dtypes (half precision), and torch.export.export: torch.linalg.matrix_exp, so
+#       that an exported program needs nothing but torch.
+#     Measured on a CPU (one thread, forward plus backward of one n x n matrix of 2-norm 3,
+#     interleaved; times relative to torch.linalg.matrix_exp's):
+#         float32    n = 64: products 0.38, eigh 0.61;  128: 0.23, 0.24;  192: 0.18, 0.18;
+#                    256: 0.17 (10.0 ms), 0.17 (8.6 ms);  512: 0.17, 0.13
+#         float64    n = 64: 0.41, 0.48;  96: 0.25, 0.26;  128: 0.23, 0.20;  256: 0.26, 0.17
+#         complex64  n = 64: 0.23, 0.39;  96: 0.27, 0.24;  192: 0.24, 0.17
+#         complex128 n = 64: 0.26, 0.28;  96: 0.29, 0.21
+#     Below that much work torch.linalg.matrix_exp is up to 0.4 ms faster (n = 4, 8, 16 with
+#     batches 1 to 16: 1.1-2x the time for the products); above it the products win, 0.75x
+#     at n = 8 and 0.26x at n = 16 for 64 matrices, 0.49x (n = 4) to 0.18x (n = 16) for 4096
+#     (a Conv2d(c, c, 5) kernel is 65,536 matrices of 5 x 5). The closed forms take 0.04x of
+#     torch's time for 4096 matrices of 2 x 2 or 3 x 3. On CUDA the products are taken for
+#     every n > 3 by design: not measured yet (no GPU was at hand).
+
+# Smallest n for which "auto" takes the eigendecomposition on a CPU, per dtype (the products
+# below it); Note [Choosing the algorithm].
+CPU_EIGH_MIN = {torch.float32: 192, torch.float64: 128, torch.complex64: 96, torch.complex128: 96}
+# Least work (batch x n³) for which "auto" takes the products on a CPU below CPU_EIGH_MIN
+# (torch.linalg.matrix_exp below it).
+CPU_MATMUL_MIN_WORK = 32**3
 
 # Note [Derivatives of skew_matrix_exp]
-#     The arithmetic is in _skew_exp_math.py (Note [Exponential of a skew matrix], Note
-#     [Gradient of the skew exponential]); this module records it for autograd.
+#     The arithmetic of "eigh" is in _skew_exp_math.py (Note [Exponential of a skew matrix],
+#     Note [Gradient of the skew exponential]); this module records it for autograd. The
+#     matrix products (_skew_exp_matmul.py) and the closed forms (_skew_exp_small.py) follow
+#     the same rules, through _skew_exp_backward.py, with forward modes of their own.
 #     The backward is first order. When autograd records it (create_graph=True, or
 #     torch.func.grad, which always asks for a graph) it recomputes the exponential with
 #     torch.linalg.matrix_exp and returns that gradient, which can be differentiated again:
 #     exact second derivatives at PyTorch's cost, only when a graph is asked for. Under
 #     transforms that record nothing in the backward (jacrev, vmap of grad) it returns its
 #     own gradient through first_order, so that differentiating it again raises an
-#     error instead of treating the map as linear. Forward mode (jvp) is torch's, made of
-#     differentiable operations on X; torch.func cannot nest forward mode over any custom
+#     error instead of treating the map as linear. Forward mode (jvp) of "eigh" is torch's,
+#     made of differentiable operations on X; torch.func cannot nest forward mode over any custom
 #     autograd.Function (jvp of jvp sees a constant), a limitation shared by householder.
 
 
@@ -82,22 +119,12 @@ class _SkewExp(torch.autograd.Function):
         if grad is None:
             return None
         X, theta, V, W, squared = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: a gradient autograd can differentiate again, through
-            # torch.linalg.matrix_exp (Note [Gradient of the skew exponential]).
-            with torch.enable_grad():
-                Q = torch.linalg.matrix_exp((X - X.mH) / 2)
-            if Q.requires_grad:
-                (X_bar,) = torch.autograd.grad(Q, X, grad, create_graph=True, allow_unused=True)
-                if X_bar is not None:  # None under some nested torch.func transforms
-                    return X_bar
-        with torch.no_grad():
-            X_bar = gradient(grad, theta, V, W, squared, ctx.largest)
-        if torch.is_grad_enabled():
-            # Under torch.func transforms nothing is recorded here: make a second derivative
-            # fail loudly rather than come out as zero.
-            return first_order(X_bar, _NO_SECOND_DERIVATIVE, X, grad)
-        return X_bar
+        return skew_exp_backward(
+            X,
+            grad,
+            lambda: gradient(grad, theta, V, W, squared, ctx.largest),
+            _NO_SECOND_DERIVATIVE,
+        )
 
     @staticmethod
     def jvp(ctx: Any, X_dot: Tensor) -> tuple[Tensor | None, ...]:
@@ -168,23 +195,39 @@ def _op_backward(ctx: Any, grad: Tensor | None, *_: Tensor | None) -> Tensor | N
 _skew_exp_op.register_autograd(_op_backward, setup_context=_setup_op_context)
 
 
+def algorithm_for(device_type: str, n: int, dtype: torch.dtype, batch: int = 1) -> str:
+    """The path ``algorithm="auto"`` takes for ``batch`` matrices of ``n x n`` and ``dtype`` on a
+    device of type ``device_type`` (Note [Choosing the algorithm]); pure, so that it can be
+    tested for devices that are not at hand."""
+    if dtype not in _SUPPORTED:
+        return "torch"
+    if has_closed_form(n, dtype.is_complex):
+        return "closed_form"
+    if device_type != "cpu":
+        return "matmul"
+    if n >= CPU_EIGH_MIN[dtype]:
+        return "eigh"
+    return "matmul" if batch * n**3 >= CPU_MATMUL_MIN_WORK else "torch"
+
+
 def _algorithm(X: Tensor, algorithm: SkewExpAlgorithm) -> str:
-    if algorithm not in ("auto", "eigh", "torch"):
+    """The path that ``skew_matrix_exp(X, algorithm=algorithm)`` takes."""
+    if algorithm not in _ALGORITHMS:
         raise ValueError(
-            f"skew_matrix_exp(): `algorithm` must be one of 'auto', 'eigh', 'torch'; "
-            f"got {algorithm!r}."
+            f"skew_matrix_exp(): `algorithm` must be one of "
+            f"{', '.join(map(repr, _ALGORITHMS))}; got {algorithm!r}."
+        )
+    n = X.shape[-1]
+    if algorithm == "closed_form" and not has_closed_form(n, X.is_complex()):
+        raise ValueError(
+            f"skew_matrix_exp(algorithm='closed_form') has closed forms for n <= 3 (real) and "
+            f"n <= 2 (complex); got n = {n}, {X.dtype}. Use algorithm='auto'."
         )
     if algorithm != "auto":
         return algorithm
-    supported = X.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
-    if (
-        supported
-        and X.device.type == "cpu"
-        and X.shape[-1] >= MIN_SIZE
-        and not torch.compiler.is_exporting()
-    ):
-        return "eigh"
-    return "torch"
+    if torch.compiler.is_exporting():
+        return "torch"
+    return algorithm_for(X.device.type, n, X.dtype, math.prod(X.shape[:-2]))
 
 
 def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tensor:
@@ -195,29 +238,54 @@ def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tenso
     it a smooth function of any ``X`` whose gradient is exact in every direction; for a
     general matrix exponential use :func:`matrix_exp`.
 
-    With ``algorithm="eigh"`` it uses ``exp(A) = cos(√S) + A sinc(√S)``, ``S = AᴴA``: one
-    Hermitian eigendecomposition and a few matrix products forward, five more backward,
-    several times faster on a CPU than :func:`torch.linalg.matrix_exp` (whose backward
-    exponentiates a ``2n x 2n`` matrix) and as accurate; see the notes in the source. Its
-    backward is first order: second derivatives (``create_graph=True``) recompute through
-    :func:`torch.linalg.matrix_exp`, and nested :mod:`torch.func` transforms that would need
-    them raise an error. ``"torch"`` calls :func:`torch.linalg.matrix_exp`. ``"auto"`` takes
-    ``"eigh"`` on a CPU for ``n >= 32`` in single or double precision, real or complex,
-    and ``"torch"`` otherwise (small ``n``, other dtypes, CUDA, where matrix products are
-    cheap next to an eigendecomposition, and :func:`torch.export.export`, so that an
-    exported program needs only torch). Under :func:`torch.compile` ``"eigh"`` runs as two
-    custom operators (``tether::skew_exp`` and its backward) that the compiler keeps whole:
-    no graph break, no recompilation as the weights change, first derivatives only.
+    Four paths compute it, with the same value and gradient to rounding:
+
+    - ``"closed_form"``, ``n <= 3`` (``n <= 2`` complex): a rotation by the angle for
+      ``n = 2``, Rodrigues' formula for ``n = 3``, a phase times an ``SU(2)`` rotation for
+      complex ``n = 2``: a few passes over a batch, such as the 65,536 kernels of 3 x 3 of a
+      ``Conv2d(256, 256, 3)``, forward and backward; ``ValueError`` for other shapes.
+    - ``"matmul"``: matrix products only, for any device (what a GPU does best). A Taylor
+      polynomial with scaling and squaring, its degree and scaling chosen from a bound of
+      ``‖A‖₂`` (one host synchronisation forward, none backward); the backward runs the
+      Fréchet derivative through the same recurrence: two products for each of the
+      forward's, where :func:`torch.linalg.matrix_exp` exponentiates a ``2n x 2n`` matrix.
+      About 6x faster than it forward plus backward at ``n = 512`` on a CPU, and more
+      orthogonal.
+    - ``"eigh"``: ``exp(A) = cos(√S) + A sinc(√S)``, ``S = AᴴA``, from one Hermitian
+      eigendecomposition and a few matrix products forward, five more backward: the
+      fastest on a CPU for large ``n`` (8x torch's at ``n = 1024``).
+    - ``"torch"``: :func:`torch.linalg.matrix_exp`, with second derivatives.
+
+    ``"auto"`` takes the fastest path that applies (measured forward plus backward; see
+    ``docs/performance.md``): the closed forms for ``n <= 3`` (``n <= 2`` complex) on any
+    device; on a CPU the eigendecomposition from ``n = CPU_EIGH_MIN`` on (192 in float32,
+    128 in float64, 96 complex), and below it the products (4-5x faster than torch's at
+    ``n = 32 ... 128``, 2-5x on batches of thousands of small matrices) unless the batch
+    holds less work than one product of two 32 x 32 matrices (batch ``n³ < 32³``, such as
+    one matrix of ``n < 32``), where torch's shorter overhead wins; on CUDA (and any other
+    device) the products for every ``n > 3``. Other dtypes (half precision) and
+    :func:`torch.export.export` take ``"torch"``, so that an exported program needs only
+    torch.
+
+    The backward of the three fast paths is first order: second derivatives
+    (``create_graph=True``) recompute through :func:`torch.linalg.matrix_exp`, and nested
+    :mod:`torch.func` transforms that would need them raise an error. Under
+    :func:`torch.compile` they run without graph breaks: ``"eigh"`` and ``"matmul"`` as
+    custom operators (``tether::skew_exp``, ``tether::skew_exp_matmul`` and their backwards)
+    that the compiler keeps whole, with no recompilation as the weights change, and the
+    closed forms as traceable code.
 
     Args:
         X: shape ``(*, n, n)``.
-        algorithm: ``"auto"``, ``"eigh"`` or ``"torch"``, see above.
+        algorithm: ``"auto"``, ``"closed_form"``, ``"eigh"``, ``"matmul"`` or ``"torch"``,
+            see above.
 
     Returns:
         ``exp((X - Xᴴ) / 2)``, shape ``(*, n, n)``, the dtype and device of ``X``.
 
     Raises:
-        ValueError: ``algorithm`` is not one of the above.
+        ValueError: ``algorithm`` is not one of the above, or is ``"closed_form"`` for an
+            ``n`` without one.
 
     Example:
         >>> import torch
@@ -229,8 +297,13 @@ def skew_matrix_exp(X: Tensor, *, algorithm: SkewExpAlgorithm = "auto") -> Tenso
         >>> torch.allclose(Q.mT @ Q, torch.eye(32, dtype=torch.float64))
         True
     """
-    if _algorithm(X, algorithm) == "torch":
+    chosen = _algorithm(X, algorithm)
+    if chosen == "torch":
         return torch.linalg.matrix_exp((X - X.mH) / 2)
+    if chosen == "closed_form":
+        return small_skew_exp(X)
+    if chosen == "matmul":
+        return skew_exp_matmul(X)
     if torch.compiler.is_compiling():
         return _skew_exp_op(X)[0]
     Q, *_ = _SkewExp.apply(X)  # type: ignore[no-untyped-call]  # untyped in torch

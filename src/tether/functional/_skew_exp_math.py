@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_SIZE", "exponential", "gradient", "largest_angle", "powers"]
+__all__ = ["exponential", "gradient", "largest_angle", "powers"]
 
 # Note [Exponential of a skew matrix]
 #     For a skew-symmetric (skew-Hermitian) A, A² = -S with S = AᴴA Hermitian and positive
@@ -28,15 +28,14 @@ __all__ = ["MIN_SIZE", "exponential", "gradient", "largest_angle", "powers"]
 #     double it k times). k is read from the data (.item()), which torch.compile cannot
 #     trace: see Note [The skew exponential under torch.compile] in _skew_exp.py.
 #
-#     Speed (benchmarks/orthogonal_maps.py, one thread): on a CPU an eigendecomposition
-#     costs a few matrix products; forward plus backward break even with
-#     torch.linalg.matrix_exp near n = 32 (where "auto" switches), are 1.5x faster at
-#     n = 64 (from A = 0, where matrix_exp is cheapest, to ‖A‖₂ ≈ 3), 5x at 256 and 8x at
-#     1024, with a fifth of its peak memory. At small n the time goes to the number of
-#     operations more than to their size, which is why the skew part is taken inside
-#     the autograd Function and why small angles skip the close pairs' indexing. On CUDA eigh is
-#     slow next to matrix products and synchronises with the host, so "auto" keeps
-#     torch.linalg.matrix_exp there (not measured: no GPU was at hand).
+#     Speed (benchmarks/skew_exp.py, one thread): on a CPU an eigendecomposition costs a
+#     few matrix products, so forward plus backward overtake scaling and squaring from
+#     products only for large n (CPU_EIGH_MIN in _skew_exp.py, where "auto" switches), with
+#     a fifth of torch.linalg.matrix_exp's peak memory. At small n the time goes to the number
+#     of operations more than to their size, which is why the skew part is taken inside the
+#     autograd Function and why small angles skip the close pairs' indexing. On CUDA eigh is
+#     slow next to matrix products and synchronises with the host, so "auto" takes the
+#     products there (Note [Choosing the algorithm] in _skew_exp.py).
 
 # Note [Gradient of the skew exponential]
 #     Q = I + F + A D with F = f(S), D = s(S), S = AᴴA. For a cotangent G of Q,
@@ -70,8 +69,6 @@ __all__ = ["MIN_SIZE", "exponential", "gradient", "largest_angle", "powers"]
 
 # Largest ‖A‖₂ exponentiated without squaring (Note [Exponential of a skew matrix]).
 _MAX_ANGLE = 8.0
-# Smallest n for which "auto" takes the eigendecomposition on a CPU.
-MIN_SIZE = 32
 # τ of Note [Gradient of the skew exponential]: closer pairs take the series or identity.
 _CLOSE = 0.1
 # Most terms of the series: enough for float64's eps when θ ≤ 2 (so also for the close
