@@ -170,6 +170,130 @@ def test_householder_auto_is_householder_product_below_8_columns():
     assert torch.equal(householder(X), reference_householder(X))
 
 
+# Batches of small matrices (Note [Householder reflectors one at a time])
+
+SMALL_BATCHES = [(32, 1, 1), (32, 2, 2), (2, 32, 3, 3), (32, 5, 3), (32, 20, 7), (32, 9, 1)]
+# Dynamo instantiates the autograd.Function base class while tracing one (torch 2.13).
+DYNAMO_FUNCTION = pytest.mark.filterwarnings(
+    "ignore:<class 'torch.autograd.function.Function'> should not be instantiated"
+)
+
+
+@pytest.mark.parametrize(
+    ("shape", "grad_fn"),
+    [
+        ((32, 3, 3), "_SmallHouseholderBackward"),
+        ((31, 3, 3), "LinalgHouseholderProductBackward0"),
+        ((32, 9, 8), "_HouseholderBackward"),
+    ],
+    ids=str,
+)
+def test_householder_auto_takes_the_reflector_loop_for_many_small_matrices(shape, grad_fn):
+    X = torch.randn(shape, requires_grad=True)
+    Q = householder(X)
+    names = set()
+    node = Q.grad_fn
+    while node is not None and node.next_functions:
+        names.add(type(node).__name__)
+        node = node.next_functions[0][0]
+    assert grad_fn in names
+
+
+@pytest.mark.parametrize("shape", SMALL_BATCHES, ids=str)
+@pytest.mark.parametrize("dtype", REAL)
+def test_householder_of_many_small_matrices_agrees_with_householder_product(shape, dtype):
+    X = torch.randn(shape, dtype=dtype)
+    X.diagonal(dim1=-2, dim2=-1).mul_(0.3)  # |X[i, i]| < 1: the signs still come from it
+    Q = householder(X)
+    assert Q.shape == X.shape and Q.dtype == dtype and Q.is_contiguous()
+    expected = reference_householder(X.double())
+    unit = X.double().clone()
+    unit.diagonal(dim1=-2, dim2=-1).copy_(unit.diagonal(dim1=-2, dim2=-1).sign())
+    expected = reference_householder(unit)
+    assert (Q.double() - expected).abs().max().item() <= tolerance(dtype, shape[-2])
+
+
+@FORWARD_AD
+@pytest.mark.parametrize("shape", [(32, 1, 1), (32, 2, 2), (32, 3, 2), (4, 8, 3, 3)], ids=str)
+def test_householder_of_many_small_matrices_gradcheck_and_gradgradcheck(shape):
+    X = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(householder, X, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(householder, X)
+
+
+@pytest.mark.parametrize("shape", SMALL_BATCHES, ids=str)
+def test_householder_of_many_small_matrices_gradient_agrees_with_householder_product(shape):
+    X = torch.randn(shape, dtype=torch.float64)
+    X.diagonal(dim1=-2, dim2=-1).copy_(X.diagonal(dim1=-2, dim2=-1).sign())
+    cotangent = torch.randn(shape, dtype=torch.float64)
+    grads = []
+    for f in (householder, reference_householder):
+        leaf = X.clone().requires_grad_()
+        (f(leaf) * cotangent).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@FORWARD_AD
+def test_householder_of_many_small_matrices_under_vmap_jacrev_jacfwd_and_hessian():
+    X = torch.randn(3, 32, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(householder)(X), reference_householder(X))
+    one = X[0, :, :2, :2].contiguous()  # still a batch of 32, with a small Jacobian
+    # (torch's own transforms warn in householder_product's backward, which has no batching
+    # rule: the references come from torch.autograd.functional)
+    expected = torch.autograd.functional.jacobian(reference_householder, one)
+    torch.testing.assert_close(torch.func.jacrev(householder)(one), expected)
+    torch.testing.assert_close(torch.func.jacfwd(householder)(one), expected)
+    column = one[:, :, :1].contiguous()
+    torch.testing.assert_close(
+        torch.func.hessian(lambda X: householder(X).pow(3).sum())(column),
+        torch.autograd.functional.hessian(lambda X: reference_householder(X).pow(3).sum(), column),
+    )
+    cotangent = torch.randn(32, 4, 3, dtype=torch.float64)
+
+    def loss(f):
+        return lambda X: (f(X) * cotangent).sum()
+
+    # (householder_product's backward has no batching rule: its gradients one at a time)
+    expected = torch.stack([torch.func.grad(loss(reference_householder))(x) for x in X])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss(householder)))(X), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "algorithm"),
+    [((32, 3, 3), "auto"), ((2, 9, 8), "wy"), ((40, 30), "wy"), ((2, 5, 3), "torch")],
+    ids=str,
+)
+def test_householder_runs_on_the_meta_device_forward_and_backward(shape, algorithm):
+    # Meta tensors have no values: a .item(), a bool(tensor) or any other read of a value
+    # (a synchronisation on a GPU) raises there.
+    X = torch.empty(shape, device="meta", requires_grad=True)
+    Q = householder(X, algorithm=algorithm)
+    assert Q.shape == X.shape and Q.device.type == "meta"
+    (grad,) = torch.autograd.grad(Q, X, torch.empty_like(Q))
+    assert grad.shape == X.shape
+
+
+@DYNAMO_FUNCTION
+@pytest.mark.parametrize("shape", [(32, 3, 3), (2, 9, 8)], ids=str)
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_householder_compiles_whole_and_matches_eager(shape, backend):
+    # fullgraph=True fails on any graph break: data-dependent control flow or a read of a
+    # value on the host among them.
+    torch._dynamo.reset()
+    X = torch.randn(shape, dtype=torch.float64)
+    cotangent = torch.randn_like(X)
+    compiled = torch.compile(householder, fullgraph=True, backend=backend)
+    results = []
+    for f in (compiled, householder):
+        leaf = X.clone().requires_grad_()
+        Q = f(leaf)
+        (Q * cotangent).sum().backward()
+        results.append((Q.detach(), leaf.grad))
+    torch.testing.assert_close(results[0], results[1])
+    torch._dynamo.reset()
+
+
 def test_householder_rejects_complex_tensors():
     with pytest.raises(ValueError, match=r"householder\(\) needs a real tensor.*complex64"):
         householder(torch.randn(3, 2, dtype=torch.complex64))
