@@ -68,7 +68,7 @@ REGISTER: dict[str, Register] = {
 SHAPES = {"orthogonal_wide": (4, 6), "grassmannian": (6, 4), "low_rank": (4, 6)}
 
 
-def registered(kind: str, dtype: torch.dtype = torch.float64) -> nn.Linear:
+def registered(kind: str, dtype: torch.dtype = torch.float64) -> nn.Module:
     n, k = SHAPES.get(kind, (5, 5))
     layer = nn.Linear(k, n, bias=False).to(dtype)
     if kind in ("positive_definite", "positive_semidefinite", "psd_low_rank", "psd_fixed_rank"):
@@ -77,9 +77,26 @@ def registered(kind: str, dtype: torch.dtype = torch.float64) -> nn.Linear:
     return REGISTER[kind](layer)
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def original(layer: nn.Module, name: str) -> torch.Tensor:
+    """``layer.parametrizations.weight.<name>``, typed."""
+    return layer.get_parameter(f"parametrizations.weight.{name}")
+
+
 def constraint_of(layer: nn.Module) -> Constraint:
-    constraint = layer.parametrizations.weight[0]
+    constraint = layer.get_submodule("parametrizations.weight.0")
     assert isinstance(constraint, Constraint)
+    return constraint
+
+
+def orthogonal_of(layer: nn.Module) -> Orthogonal:
+    constraint = constraint_of(layer)
+    assert isinstance(constraint, Orthogonal)
     return constraint
 
 
@@ -134,20 +151,20 @@ def test_sample_in_bfloat16_is_drawn_in_float32_and_rounded() -> None:
 def test_update_base_keeps_the_weight(kind: str) -> None:
     layer = registered(kind)
     with torch.no_grad():
-        for original in layer.parametrizations.weight.parameters():
-            original.add_(0.01 * torch.randn_like(original))
-    before = layer.weight.detach().clone()
+        for each in layer.get_submodule("parametrizations.weight").parameters():
+            each.add_(0.01 * torch.randn_like(each))
+    before = weight_of(layer).detach().clone()
     tether.update_base(layer)
     eps = torch.finfo(before.dtype).eps
-    torch.testing.assert_close(layer.weight, before, atol=1e4 * eps, rtol=0)
+    torch.testing.assert_close(weight_of(layer), before, atol=1e4 * eps, rtol=0)
 
 
 def test_update_base_without_a_base_rewrites_the_originals() -> None:
     layer = registered("low_rank")
     with torch.no_grad():
-        layer.parametrizations.weight.original0.mul_(3.0)  # not orthonormal any more
+        original(layer, "original0").mul_(3.0)  # not orthonormal any more
     tether.update_base(layer)
-    U = layer.parametrizations.weight.original0
+    U = original(layer, "original0")
     eye = torch.eye(2, dtype=U.dtype)
     torch.testing.assert_close(U.T @ U, eye, atol=100 * torch.finfo(U.dtype).eps, rtol=0)
 
@@ -169,7 +186,7 @@ def test_torus_sample_is_a_member(shape: tuple[int, ...], orthogonal_map: str) -
 def test_torus_eigenvalue_angles_are_spread() -> None:
     n = 400
     layer = tether.orthogonal(nn.Linear(n, n).double())
-    Q = constraint_of(layer).sample("torus", generator=torch.Generator().manual_seed(0))
+    Q = orthogonal_of(layer).sample("torus", generator=torch.Generator().manual_seed(0))
     angles = torch.linalg.eigvals(Q).angle().abs()
     # |θ| uniform on (0, π): each third of the half circle holds about a third of them
     # (n / 3 ± 2 n / 27 at 5 standard deviations, for n / 2 independent angles).
@@ -189,9 +206,9 @@ def test_torus_init_draws_the_angles() -> None:
 
 def test_uniform_sample_assigns_as_in_geotorch() -> None:
     layer = registered("orthogonal")
-    Q = constraint_of(layer).sample("uniform")
+    Q = orthogonal_of(layer).sample("uniform")
     layer.weight = Q
-    torch.testing.assert_close(layer.weight, Q, atol=1e3 * torch.finfo(Q.dtype).eps, rtol=0)
+    torch.testing.assert_close(weight_of(layer), Q, atol=1e3 * torch.finfo(Q.dtype).eps, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +230,7 @@ def test_bad_distribution_arguments(
 def test_almost_orthogonal_f_keeps_the_singular_values_in_the_interval(f: object) -> None:
     layer = tether.almost_orthogonal(nn.Linear(5, 4).double(), "weight", 0.5, f)  # type: ignore[arg-type]
     with torch.no_grad():
-        layer.parametrizations.weight.original1.mul_(10.0)
+        original(layer, "original1").mul_(10.0)
     sigma = torch.linalg.svdvals(layer.weight)
     eps = torch.finfo(sigma.dtype).eps
     assert bool(((sigma >= 0.5 - 10 * eps) & (sigma <= 1.5 + 10 * eps)).all())

@@ -285,6 +285,50 @@ def test_agrees_with_geotorch_almost_orthogonal(shape):
     assert not AlmostOrthogonal(0.3).in_manifold(3 * torch.randn(shape))
 
 
+# geotorch's AlmostOrthogonal.sample(distribution, init_) draws orthogonal matrices.
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (2, 4, 4)], ids=str)
+@pytest.mark.parametrize("distribution", ["uniform", "torus"])
+def test_almost_orthogonal_sample_with_a_distribution_is_orthogonal(distribution, shape):
+    constraint = AlmostOrthogonal(0.5)
+    X = constraint.sample(shape, distribution=distribution, dtype=torch.float64)
+    assert X.shape == shape
+    sigma = torch.linalg.svdvals(X)
+    torch.testing.assert_close(sigma, torch.ones_like(sigma))
+    assert constraint.in_manifold(X)
+
+
+def test_almost_orthogonal_sample_of_a_registered_tensor_takes_the_distribution_first():
+    layer = tether.almost_orthogonal(nn.Linear(4, 4).double(), "weight", 0.5)
+    constraint = layer.parametrizations.weight[0]
+    angles = constraint.sample("torus", init_=nn.init.zeros_)  # angle 0: the identity
+    torch.testing.assert_close(angles, torch.eye(4, dtype=torch.float64))
+    layer.weight = constraint.sample("uniform")
+    W = layer.weight.detach()
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(W.T @ W, eye, atol=100 * torch.finfo(W.dtype).eps, rtol=0)
+
+
+def test_almost_orthogonal_sample_without_a_distribution_spreads_the_singular_values():
+    X = AlmostOrthogonal(0.5).sample((64, 64), dtype=torch.float64)
+    sigma = torch.linalg.svdvals(X)
+    assert float(sigma.max() - sigma.min()) > 0.5  # uniform on [0.5, 1.5], 64 of them
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda c: c.sample((3, 3), distribution="haar"), ValueError, "'uniform', 'torus'"),
+        (lambda c: c.sample("torus", distribution="uniform"), TypeError, "twice"),
+        (lambda c: c.sample((3, 3), init_=nn.init.zeros_), ValueError, "distribution='torus'"),
+    ],
+)
+def test_almost_orthogonal_sample_rejects_bad_distribution_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call(AlmostOrthogonal(0.5))
+
+
 @pytest.mark.parametrize("lam", [0.0, -0.5, 1.5, float("nan")])
 def test_almost_orthogonal_rejects_a_lam_out_of_range(lam):
     with pytest.raises(ValueError, match=r"almost_orthogonal\(\): `lam` must be in \(0, 1\]"):

@@ -283,6 +283,40 @@ def test_a_plain_checkpoint_loads_through_right_inverse(kind):
     torch.testing.assert_close(layer.weight.detach(), state["weight"], atol=1e-5, rtol=0)
 
 
+def perturbed(kind, dtype):
+    """A registered ``(4, 6, 6)`` member whose original then takes a step, and its weight."""
+    generator = torch.Generator().manual_seed(0)
+    constraint = KINDS[kind][0](2)
+    member = constraint.sample((4, 6, 6), dtype=dtype, generator=generator)
+    module = tether.register_parametrization(module_with(member), "weight", constraint)
+    original = module.parametrizations.weight.original
+    with torch.no_grad():
+        original.add_(0.05 * torch.randn(original.shape, dtype=dtype, generator=generator))
+    return module, module.weight.detach().clone()
+
+
+# Note [Right inverses in double precision]: with the Gram maps, the round trip of
+# update_base costs only forward's rounding, a few eps (about 14 eps with the inverse in
+# float32). With an eigh in forward, that rounding itself is about 10 eps.
+@pytest.mark.parametrize("kind", ["psd", "low-rank"])
+def test_update_base_keeps_a_gram_weight_to_a_few_eps(kind):
+    module, before = perturbed(kind, torch.float32)
+    tether.update_base(module)
+    error = float((module.weight.detach() - before).abs().max())
+    assert error <= 3 * torch.finfo(torch.float32).eps * float(before.abs().max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_base_moves_the_weight_by_no_more_than_forward_rounds(kind):
+    module, before = perturbed(kind, torch.float32)
+    constraint = constraint_of(module)
+    original = module.parametrizations.weight.original.detach()
+    eps = torch.finfo(torch.float32).eps * float(before.abs().max())
+    rounding = max(float((before.double() - constraint(original.double())).abs().max()), eps)
+    tether.update_base(module)
+    assert float((module.weight.detach() - before).abs().max()) <= 6 * rounding
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_works_with_torch_parametrize(kind):
     make = KINDS[kind][0]
@@ -343,6 +377,48 @@ def test_bad_ranks_are_rejected(register, rank, error, words):
 def test_a_bad_map_is_rejected():
     with pytest.raises(ValueError, match=r"`map` must be one of 'matrix_exp', 'softplus'; got"):
         tether.positive_definite(nn.Linear(3, 3), map="expm")
+
+
+# geotorch's f: only "softplus", as positive_definite(m, "weight", "softplus") and
+# positive_semidefinite_fixed_rank(m, "weight", 2, "softplus") take it.
+
+
+def test_f_softplus_is_the_softplus_map():
+    layer = tether.positive_definite(nn.Linear(3, 3), "weight", "softplus")
+    assert constraint_of(layer).map == "softplus"
+    assert PositiveDefinite(f="softplus", map="softplus").map == "softplus"
+    assert PositiveDefinite().map == "matrix_exp"
+
+
+def test_psd_fixed_rank_takes_f_by_position():
+    layer = tether.psd_fixed_rank(nn.Linear(4, 4), "weight", 2, "softplus")
+    assert constraint_of(layer).f == "softplus"
+    assert int(torch.linalg.matrix_rank(layer.weight)) == 2
+
+
+F_REFUSED = ["exp", 3, torch.exp, (torch.exp, torch.log)]
+
+
+@pytest.mark.parametrize("f", F_REFUSED, ids=str)
+@pytest.mark.parametrize(
+    ("build", "owner"),
+    [
+        (lambda f: PositiveDefinite(f=f), "positive_definite"),
+        (lambda f: tether.positive_definite(nn.Linear(3, 3), "weight", f), "positive_definite"),
+        (lambda f: PSDFixedRank(2, f), "psd_fixed_rank"),
+        (lambda f: tether.psd_fixed_rank(nn.Linear(3, 3), "weight", 2, f), "psd_fixed_rank"),
+    ],
+    ids=["PositiveDefinite", "positive_definite", "PSDFixedRank", "psd_fixed_rank"],
+)
+def test_other_f_is_refused_with_the_choice_offered(build, owner, f):
+    with pytest.raises(ValueError, match=rf"{owner}\(\): `f` must be 'softplus'") as info:
+        build(f)
+    assert ("Callables" in str(info.value)) == (not isinstance(f, (str, int)))
+
+
+def test_f_contradicting_map_is_refused():
+    with pytest.raises(ValueError, match=r"map='softplus', but map='matrix_exp' was passed too"):
+        PositiveDefinite("matrix_exp", f="softplus")
 
 
 # Agreement with geotorch

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tether._checks import bad_type, bad_value, check_square
 from tether.constraints._base import Constraint, Draw, gaussian_matrix, register_constraint, worst
 from tether.constraints._low_rank import _Factored, has_numerical_rank
+from tether.constraints._orthogonal import Distribution, Orthogonal
 from tether.functional import (
     factored,
     orthonormalize,
@@ -41,6 +42,9 @@ def _scaled_sigmoid(t: Tensor) -> Tensor:
 def _scaled_sigmoid_inverse(y: Tensor) -> Tensor:
     return 2 * torch.atanh(y)
 
+
+# geotorch's distributions for AlmostOrthogonal.sample: orthogonal samples, as it draws them.
+_DISTRIBUTIONS = ("uniform", "torus")
 
 # geotorch's maps onto [-1, 1] for almost_orthogonal, with their inverses and whether they
 # reach the ends (sin does; tanh and the scaled sigmoid only in the limit).
@@ -249,8 +253,9 @@ class AlmostOrthogonal(_Factored):
     (its SVD with the singular values clamped to the interval). The ``state_dict`` is
     :class:`LowRank`'s with ``r = min(n, k)``: ``original0`` (``(*, n, r)``), ``original1``
     (``(*, r)``), ``original2`` (``(*, k, r)``). Samples have Haar-distributed singular
-    vectors and singular values i.i.d. uniform on the interval. :meth:`distance` is the
-    Frobenius distance to the set.
+    vectors and singular values i.i.d. uniform on the interval, or are orthogonal matrices
+    with geotorch's ``sample("uniform")`` and ``sample("torus")`` (see :meth:`sample`).
+    :meth:`distance` is the Frobenius distance to the set.
 
     Args:
         lam: the radius of the interval, ``0 < lam <= 1``.
@@ -306,10 +311,84 @@ class AlmostOrthogonal(_Factored):
     def _excess(self, sigma: Tensor) -> Tensor:
         return ((sigma - 1).abs() - self.lam).clamp_min(0)
 
-    def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
-        """Haar-distributed singular vectors, singular values i.i.d. uniform on the interval."""
+    def sample(
+        self,
+        shape: Sequence[int] | Distribution | None = None,
+        *,
+        distribution: Distribution | None = None,
+        init_: Callable[[Tensor], object] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Draw a member: singular values spread over the interval, or an orthogonal matrix.
+
+        As :meth:`Constraint.sample`. Without ``distribution``, the singular vectors are
+        Haar-distributed and the singular values i.i.d. uniform on ``[1 - lam, 1 + lam]``.
+        With geotorch's ``distribution`` (also accepted in place of the shape,
+        ``sample("torus")``), the sample is an orthogonal matrix (all singular values 1, the
+        centre of the interval), as geotorch's ``AlmostOrthogonal.sample`` returns: drawn as
+        :meth:`tether.constraints.Orthogonal.sample` draws it, from the Haar measure
+        (``"uniform"``) or near a torus (``"torus"``, the initialisation of recurrent
+        kernels, angles drawn by ``init_``).
+
+        Args:
+            shape: the shape, or a distribution (then the shape is the registered one).
+            distribution: ``"uniform"`` or ``"torus"``: an orthogonal sample, see above.
+            init_: fills a tensor of angles in place (a ``torch.nn.init`` function); only
+                with ``"torus"``.
+            dtype: the dtype of the sample.
+            device: its device.
+            generator: the random number generator.
+
+        Raises:
+            ValueError: an unknown distribution, or ``init_`` without ``"torus"``.
+            TypeError: the distribution given twice, or no shape on a constraint built
+                without ``size=`` and never registered.
+
+        Example:
+            >>> import torch, tether
+            >>> layer = tether.almost_orthogonal(torch.nn.Linear(6, 6), "weight", 0.5)
+            >>> layer.weight = layer.parametrizations.weight[0].sample("torus")
+            >>> W = layer.weight
+            >>> torch.allclose(W.T @ W, torch.eye(6), atol=1e-5)
+            True
+        """
+        if isinstance(shape, str):
+            if distribution is not None:
+                raise TypeError(
+                    f"{type(self).__name__}.sample() got the distribution twice: {shape!r} "
+                    f"and distribution={distribution!r}. Pass it once."
+                )
+            shape, distribution = None, shape
+        if distribution is not None and distribution not in _DISTRIBUTIONS:
+            raise ValueError(
+                f"{type(self).__name__}.sample(): distribution must be one of "
+                f"{', '.join(map(repr, _DISTRIBUTIONS))} (an orthogonal sample), or None for "
+                f"singular values spread over the interval; got {distribution!r}."
+            )
+        if init_ is not None and distribution != "torus":
+            raise ValueError(
+                f"{type(self).__name__}.sample(): init_ draws the torus' angles; it needs "
+                f"distribution='torus', got {distribution!r}."
+            )
+        return self._sample(shape, dtype, device, generator, distribution=distribution, init_=init_)
+
+    def _draw(
+        self,
+        shape: torch.Size,
+        draw: Draw,
+        distribution: Distribution | None = None,
+        init_: Callable[[Tensor], object] | None = None,
+    ) -> Tensor:
+        """Haar-distributed singular vectors, singular values i.i.d. uniform on the interval.
+
+        With a ``distribution``, an orthogonal matrix drawn as :class:`Orthogonal` draws it.
+        """
         shape = torch.Size(shape)
         self.check_shape(shape, "the sample")
+        if distribution is not None:
+            return Orthogonal()._draw(shape, draw, distribution, init_)
         *batch, n, k = shape
         r = min(n, k)
         U = torch.randn(*batch, n, r, **draw.kwargs)

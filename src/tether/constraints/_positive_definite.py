@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from tether.functional import (
     spd_softplus_inverse,
     symmetric_part,
 )
-from tether.functional._precision import upcast
+from tether.functional._precision import precision_eps, stored_as, upcast
 
 __all__ = [
     "PSDFixedRank",
@@ -42,6 +42,44 @@ _MAPS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] 
     "matrix_exp": (spd_exp, spd_log),
     "softplus": (spd_softplus, spd_softplus_inverse),
 }
+# geotorch's names for the maps onto the eigenvalues (its `f`) that tether offers too.
+_EIGENVALUE_MAPS = ("softplus",)
+_DOUBLE = {torch.float32: torch.float64, torch.complex64: torch.complex128}
+
+# Note [Right inverses in double precision]
+#     update_base re-assigns a weight through right_inverse (these constraints have no base
+#     point to move), as does loading a plain checkpoint, so forward(right_inverse(W)) should
+#     give W back as closely as the dtype allows. In float32 the eigh (or square root) of
+#     right_inverse adds its own rounding, 10 to 20 eps · max|W| for n <= 32, to that of
+#     forward. Computed in float64 and rounded, the original carries only its own rounding:
+#     the round trip then costs about what forward's rounding costs (a few eps · max|W| for
+#     the Gram maps; about 10 eps · max|W| for the eigh of the matrix_exp and softplus maps,
+#     which only keeping the originals would avoid). right_inverse runs on assignment, not
+#     in training, so the cost stays out of the training step. The eigenvalue floor keeps the
+#     stored dtype's eps (stored_as). float64 values, values stored in a lower precision
+#     (Note [Low-precision tensors]) and devices without float64 (MPS) are computed as is.
+
+
+def _in_double(inverse: Callable[[Tensor], Tensor], X: Tensor) -> Tensor:
+    """``inverse(X)`` computed in double precision, rounded back to ``X``'s dtype.
+
+    See Note [Right inverses in double precision].
+    """
+    double = _DOUBLE.get(X.dtype)
+    if double is None or X.device.type == "mps" or precision_eps(X) > torch.finfo(X.dtype).eps:
+        return inverse(X)
+    with stored_as(X.dtype):
+        return inverse(X.to(double)).to(X.dtype)
+
+
+def _eigenvalue_map(f: object, owner: str, hint: str = "") -> str:
+    """geotorch's ``f`` if tether offers it (only ``"softplus"``), else a ``ValueError``."""
+    if isinstance(f, str) and f in _EIGENVALUE_MAPS:
+        return f
+    if callable(f) or isinstance(f, tuple):
+        hint = f"Callables and pairs (f, f_inverse) are not supported. {hint}".rstrip()
+    needs = "'softplus' (geotorch's default), the only map onto the eigenvalues offered as `f`"
+    raise bad_value(owner, "f", needs, f, hint)
 
 
 def _sample(shape: Sequence[int], rank: int, draw: Draw) -> Tensor:
@@ -122,7 +160,9 @@ class PositiveDefinite(Constraint):
       eigenvalues too (the identity included), unlike a naive ``eigh``.
 
     ``right_inverse`` takes the matrix logarithm (inverse softplus) of the eigenvalues, via
-    ``torch.linalg.eigh``, so a positive definite matrix is set exactly. Any other matrix is
+    ``torch.linalg.eigh`` (in float64 for a float32 weight, so that re-assigning the weight,
+    as :func:`tether.update_base` does, moves it only by the rounding of ``forward``), so a
+    positive definite matrix is set exactly. Any other matrix is
     projected: symmetric part, then eigenvalues raised to a floor of ``sqrt(eps) · max|λ|``
     (``eps`` the dtype's machine epsilon; ``sqrt(eps)`` for the zero matrix), because the set
     is open and the nearest point of its closure is singular. Eigenvalues at that floor train
@@ -134,11 +174,15 @@ class PositiveDefinite(Constraint):
     softplus map plus ``1e-6``, and asks ``λ_min >= 1e-6``.
 
     Args:
-        map: ``"matrix_exp"`` or ``"softplus"``, see above.
+        map: ``"matrix_exp"`` or ``"softplus"``, see above; ``None`` (the default) is
+            ``"matrix_exp"``, or ``"softplus"`` with ``f="softplus"``.
+        f: geotorch's name for the map onto the eigenvalues: ``"softplus"``, the same as
+            ``map="softplus"`` (without geotorch's ``+ 1e-6``), is the one offered.
         size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
-        ValueError: ``map`` is not one of the above, or the tensor is not square.
+        ValueError: ``map`` is not one of the above, ``f`` is not ``"softplus"`` (or
+            contradicts ``map``), or the tensor is not square.
 
     References:
         Geometric Means in a Novel Vector Space Structure on Symmetric Positive-Definite
@@ -156,14 +200,15 @@ class PositiveDefinite(Constraint):
     """
 
     def __init__(
-        self, map: PositiveDefiniteMap = "matrix_exp", *, size: Sequence[int] | None = None
+        self,
+        map: PositiveDefiniteMap | None = None,
+        *,
+        f: str | None = None,
+        size: Sequence[int] | None = None,
     ) -> None:
         super().__init__(size=size)
-        if map not in _MAPS:  # a ValueError whatever the type, as documented
-            needs = f"one of {', '.join(repr(m) for m in _MAPS)}"
-            raise bad_value("positive_definite()", "map", needs, map)
-        self.map = map
-        self._map, self._inverse = _MAPS[map]
+        self.map = _positive_definite_map(map, f)
+        self._map, self._inverse = _MAPS[self.map]
 
     def forward(self, X: Tensor) -> Tensor:
         return self._map(X)
@@ -171,7 +216,7 @@ class PositiveDefinite(Constraint):
     @torch.no_grad()
     def right_inverse(self, X: Tensor) -> Tensor:
         self.check_shape(X.shape, "the assigned value")
-        return self._inverse(X)
+        return _in_double(self._inverse, X)
 
     def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Wishart matrix ``G Gᴴ / 2n`` with ``G`` a standard Gaussian ``n x 2n``.
@@ -194,6 +239,22 @@ class PositiveDefinite(Constraint):
 
     def extra_repr(self) -> str:
         return f"map={self.map!r}"
+
+
+def _positive_definite_map(map: object, f: object) -> PositiveDefiniteMap:
+    """The map of :class:`PositiveDefinite`: ``map``, or geotorch's ``f``, or the default."""
+    owner = "positive_definite()"
+    if map is not None and map not in _MAPS:  # a ValueError whatever the type, as documented
+        raise bad_value(owner, "map", f"one of {', '.join(repr(m) for m in _MAPS)}", map)
+    if f is None:
+        return "matrix_exp" if map is None else cast(PositiveDefiniteMap, map)
+    _eigenvalue_map(f, owner, "For the matrix exponential, pass map='matrix_exp' instead.")
+    if map not in (None, "softplus"):
+        raise ValueError(
+            f"{owner}: `f`={f!r} is map='softplus', but map={map!r} was passed too. Pass "
+            "one of them."
+        )
+    return "softplus"
 
 
 class PositiveSemidefinite(Constraint):
@@ -235,7 +296,8 @@ class PositiveSemidefinite(Constraint):
     @torch.no_grad()
     def right_inverse(self, X: Tensor) -> Tensor:
         self.check_shape(X.shape, "the assigned value")
-        return gram_factor(X)
+        # Note [Right inverses in double precision].
+        return _in_double(gram_factor, X)
 
     def _draw(self, shape: torch.Size, draw: Draw) -> Tensor:
         """A Wishart matrix ``G Gᴴ / 2n`` with ``G`` a standard Gaussian ``n x 2n``."""
@@ -323,7 +385,8 @@ class PSDLowRank(_PSDOfRank):
     @torch.no_grad()
     def right_inverse(self, X: Tensor) -> Tensor:
         self.check_shape(X.shape, "the assigned value")
-        return gram_factor(X, self.rank)
+        # Note [Right inverses in double precision].
+        return _in_double(lambda A: gram_factor(A, self.rank), X)
 
 
 class PSDFixedRank(_PSDOfRank):
@@ -351,11 +414,14 @@ class PSDFixedRank(_PSDOfRank):
 
     Args:
         rank: ``r``, with ``1 <= r <= n``.
+        f: the map onto the eigenvalues, as geotorch's ``f``: only ``"softplus"`` (geotorch's
+            default, here without its ``+ 1e-6``) is offered.
         size: the shape it will constrain, optional (see :class:`Constraint`).
 
     Raises:
         TypeError: ``rank`` is not an int.
-        ValueError: ``rank < 1``, or the tensor is not square with ``n >= rank``.
+        ValueError: ``rank < 1``, ``f`` is not ``"softplus"``, or the tensor is not square
+            with ``n >= rank``.
 
     References:
         Trivializations for Gradient-Based Optimization on Manifolds. Mario Lezcano-Casado,
@@ -372,12 +438,23 @@ class PSDFixedRank(_PSDOfRank):
 
     _function = "psd_fixed_rank"
 
+    def __init__(
+        self, rank: int, f: str = "softplus", *, size: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(rank, size=size)
+        self.f = _eigenvalue_map(f, f"{self._function}()")
+
     def forward(self, X: Tensor) -> Tensor:
         return fixed_rank_psd(X[..., :-1, :], X[..., -1, :].real)
 
     @torch.no_grad()
     def right_inverse(self, X: Tensor) -> Tensor:
         self.check_shape(X.shape, "the assigned value")
+        # Note [Right inverses in double precision].
+        return _in_double(self._factors, X)
+
+    def _factors(self, X: Tensor) -> Tensor:
+        """``B`` and ``s`` of the eigendecomposition, packed as the original (see above)."""
         Q, s = fixed_rank_psd_factors(X, self.rank)
         return torch.cat([Q, s.unsqueeze(-2).to(Q.dtype)], dim=-2)
 
@@ -387,13 +464,21 @@ class PSDFixedRank(_PSDOfRank):
 
 
 def positive_definite(
-    module: M, name: str = "weight", *, map: PositiveDefiniteMap = "matrix_exp"
+    module: M,
+    name: str = "weight",
+    f: str | None = None,
+    *,
+    map: PositiveDefiniteMap | None = None,
 ) -> M:
     """Constrain ``module.<name>`` to positive definite matrices: see :class:`PositiveDefinite`.
+
+    ``f`` may be passed by position, as in geotorch's
+    ``positive_definite(module, "weight", "softplus")``.
 
     Args:
         module: the module holding the tensor.
         name: the tensor to constrain, a square matrix or a batch of them ``(*, n, n)``.
+        f: geotorch's name for the map: ``"softplus"`` is ``map="softplus"``.
         map: ``"matrix_exp"`` (default) or ``"softplus"`` on the eigenvalues.
 
     Example:
@@ -402,7 +487,7 @@ def positive_definite(
         >>> bool(torch.linalg.eigvalsh(layer.weight).min() > 0)
         True
     """
-    return register_constraint(module, name, PositiveDefinite(map))
+    return register_constraint(module, name, PositiveDefinite(map, f=f))
 
 
 def positive_semidefinite(module: M, name: str = "weight") -> M:
@@ -432,18 +517,34 @@ def psd_low_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
     return register_constraint(module, name, PSDLowRank(required_rank(rank, "psd_low_rank")))
 
 
-def psd_fixed_rank(module: M, name: str = "weight", rank: int | None = None) -> M:
+def psd_fixed_rank(
+    module: M, name: str = "weight", rank: int | None = None, f: str = "softplus"
+) -> M:
     """Constrain ``module.<name>`` to PSD matrices of rank ``rank``: see :class:`PSDFixedRank`.
 
-    ``rank`` is required; it may be passed by position, as in geotorch's
-    ``positive_semidefinite_fixed_rank(module, "weight", 2)``.
+    ``rank`` is required; it and ``f`` may be passed by position, as in geotorch's
+    ``positive_semidefinite_fixed_rank(module, "weight", 2, "softplus")``.
 
     Args:
         module: the module holding the tensor.
         name: the tensor to constrain, a square matrix or a batch of them.
         rank: the rank, ``1 <= rank <= n``.
+        f: the map onto the eigenvalues: ``"softplus"``, the only one offered (geotorch's
+            default).
 
     Returns:
         ``module``.
+
+    Raises:
+        TypeError: ``rank`` is missing or not an int.
+        ValueError: ``rank < 1``, ``f`` is not ``"softplus"``, or the tensor is not square
+            with ``n >= rank``.
+
+    Example:
+        >>> import torch, tether
+        >>> layer = tether.psd_fixed_rank(torch.nn.Linear(4, 4), "weight", 2, "softplus")
+        >>> int(torch.linalg.matrix_rank(layer.weight))
+        2
     """
-    return register_constraint(module, name, PSDFixedRank(required_rank(rank, "psd_fixed_rank")))
+    constraint = PSDFixedRank(required_rank(rank, "psd_fixed_rank"), f)
+    return register_constraint(module, name, constraint)
