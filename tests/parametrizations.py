@@ -1,6 +1,11 @@
-"""Small parametrizations that several test modules register: one-to-one maps with a right
-inverse (one with a buffer, one that counts its calls), a scaling to chain after them, a
-many-to-one map, and a negation and a counting identity to chain with constraints."""
+"""Small parametrizations that several test modules register, defined once here.
+
+One-to-one maps with a right inverse (symmetric and skew matrices, one with a buffer, one that
+counts its calls), scalings to chain after them (fixed or learned), maps onto orthogonal
+matrices (the Cayley transform, with a right inverse, and the matrix exponential, without),
+many-to-one maps, a shape change, a negation and identities to chain with constraints, and a
+map without right inverse. Where two behave differently (an identity that counts its calls and
+one that does not), they have different names."""
 
 from __future__ import annotations
 
@@ -18,14 +23,77 @@ class Symmetric(nn.Module):
         return X.triu()
 
 
-class Double(nn.Module):
-    """``2 X``, exactly invertible."""
+class Skew(nn.Module):
+    """Skew-symmetric matrices (batched over leading dimensions) from the strict upper part."""
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
+        upper = X.triu(1)
+        return upper - upper.mT
+
+    def right_inverse(self, A: torch.Tensor) -> torch.Tensor:
+        return A.triu(1)
+
+
+class Tril(nn.Module):
+    """The lower triangle; without right inverse, so assignment through it is not possible."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X.tril()
+
+
+class MatrixExp(nn.Module):
+    """``exp(A)``; it has no right_inverse, so assignment through it is not possible."""
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_exp(A)
+
+
+class Cayley(nn.Module):
+    """``Q = (I - A)^-1 (I + A)``, orthogonal for skew ``A``; right_inverse
+    ``A = (Q + I)^-1 (Q - I)``."""
+
+    def forward(self, A: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        return torch.linalg.solve(eye - A, eye + A)
+
+    def right_inverse(self, Q: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        return torch.linalg.solve(Q + eye, Q - eye)
+
+
+class Scale(nn.Module):
+    """Multiplication by a fixed factor."""
+
+    def __init__(self, factor: float = 2.0) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X * self.factor
 
     def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
+        return X / self.factor
+
+
+class Double(Scale):
+    """``2 X``, exactly invertible."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+
+class LearnableScale(nn.Module):
+    """Multiplication by a trained scalar: the parametrization has state of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X * self.scale
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return X / self.scale
 
 
 class UpperPlusLower(nn.Module):
@@ -36,6 +104,30 @@ class UpperPlusLower(nn.Module):
 
     def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return X.triu(), X.tril(-1)
+
+
+class Halves(nn.Module):
+    """Many-to-one for tensors of any shape: the sum of two originals."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def right_inverse(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return X / 2, X / 2
+
+
+class Reshape(nn.Module):
+    """Changes the shape (needs unsafe=True); right_inverse flattens back."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X.reshape(self.shape)
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return X.flatten()
 
 
 class Normalized(nn.Module):
@@ -94,3 +186,31 @@ class Counting(nn.Module):
 
     def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
         return X
+
+
+class Identity(nn.Module):
+    """Returns its input unchanged, with a right_inverse that does the same."""
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+
+class StatefulDouble(nn.Module):
+    """Doubles, and counts in buffers how often forward and right_inverse run (a stateful
+    parametrization, like spectral norm's power iteration, depends on those counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
+        self.register_buffer("inverses", torch.zeros((), dtype=torch.long))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        return X * 2
+
+    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        self.inverses += 1
+        return X / 2

@@ -1,7 +1,9 @@
 """Tests for ``tether.autocache``: one evaluation per call, the uncached outputs and gradients,
 a fresh value on every call, one value per context of a read (no_grad, inference mode,
 autocast, activation checkpointing; also compiled), no cache left behind (exceptions,
-interrupts), nesting, threads, undo, and copies."""
+interrupts), nesting, threads, undo, and copies.
+
+The tests that take the ``device`` fixture follow ``--device`` (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ TIMEOUT = 30.0  # seconds a thread waits for the other side before the test give
 class Recurrent(nn.Module):
     """Runs an RNN cell over the time steps: reads ``cell.weight_hh`` once per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         super().__init__()
-        self.cell = nn.RNNCell(N, N)
+        self.cell = nn.RNNCell(N, N, device=device)
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         h = xs.new_zeros(xs.shape[1], N)
@@ -41,9 +43,9 @@ class Recurrent(nn.Module):
 class Raising(nn.Module):
     """Reads its parametrized weight, then raises the exception it was given."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, device: torch.device) -> None:
         super().__init__()
-        self.layer = nn.Linear(N, N)
+        self.layer = nn.Linear(N, N, device=device)
         self.error = error
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,13 +61,13 @@ def counted(model: nn.Module, module: nn.Module, name: str) -> CountingSymmetric
     return counter
 
 
-def recurrent() -> tuple[Recurrent, CountingSymmetric]:
-    model = Recurrent()
+def recurrent(device: torch.device) -> tuple[Recurrent, CountingSymmetric]:
+    model = Recurrent(device)
     return model, counted(model, model.cell, "weight_hh")
 
 
-def inputs() -> torch.Tensor:
-    return torch.randn(STEPS, 3, N)
+def inputs(device: torch.device) -> torch.Tensor:
+    return torch.randn(STEPS, 3, N, device=device)
 
 
 def counter_of(model: Recurrent) -> CountingSymmetric:
@@ -77,55 +79,55 @@ def counter_of(model: Recurrent) -> CountingSymmetric:
 # --- one evaluation per call ------------------------------------------------------------------
 
 
-def test_autocache_returns_the_model():
-    model, _ = recurrent()
+def test_autocache_returns_the_model(device):
+    model, _ = recurrent(device)
     assert tether.autocache(model) is model
 
 
-def test_without_autocache_the_kernel_is_evaluated_at_every_step():
-    model, counter = recurrent()
-    model(inputs())
+def test_without_autocache_the_kernel_is_evaluated_at_every_step(device):
+    model, counter = recurrent(device)
+    model(inputs(device))
     assert counter.calls == STEPS
 
 
-def test_the_kernel_is_evaluated_once_per_call():
-    model, counter = recurrent()
+def test_the_kernel_is_evaluated_once_per_call(device):
+    model, counter = recurrent(device)
     tether.autocache(model)
-    model(inputs())
+    model(inputs(device))
     assert counter.calls == 1
 
 
-def test_each_call_evaluates_the_kernel_again():
-    model, counter = recurrent()
+def test_each_call_evaluates_the_kernel_again(device):
+    model, counter = recurrent(device)
     tether.autocache(model)
     for _ in range(3):
-        model(inputs())
+        model(inputs(device))
     assert counter.calls == 3
 
 
-def test_reads_after_the_call_are_not_cached():
-    model, counter = recurrent()
+def test_reads_after_the_call_are_not_cached(device):
+    model, counter = recurrent(device)
     tether.autocache(model)
-    model(inputs())
+    model(inputs(device))
     first = model.cell.weight_hh
     second = model.cell.weight_hh
     assert first is not second
     assert counter.calls == 3
 
 
-def test_the_model_need_not_be_parametrized_itself():
-    model, _ = recurrent()
+def test_the_model_need_not_be_parametrized_itself(device):
+    model, _ = recurrent(device)
     assert not tether.is_parametrized(model)
     tether.autocache(model)
     assert tether.is_parametrized(model.cell, "weight_hh")
 
 
-def test_a_parametrized_tensor_of_the_model_itself_is_cached():
-    layer = nn.Linear(N, N)
+def test_a_parametrized_tensor_of_the_model_itself_is_cached(device):
+    layer = nn.Linear(N, N, device=device)
     counter = counted(layer, layer, "weight")
     tether.autocache(layer)
     layer.register_forward_pre_hook(lambda module, args: module.weight)  # a second read
-    layer(torch.randn(2, N))
+    layer(torch.randn(2, N, device=device))
     assert counter.calls == 1
 
 
@@ -133,11 +135,11 @@ def test_a_parametrized_tensor_of_the_model_itself_is_cached():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_outputs_and_gradients_equal_the_uncached_ones(dtype):
-    model, _ = recurrent()
+def test_outputs_and_gradients_equal_the_uncached_ones(dtype, device):
+    model, _ = recurrent(device)
     model = model.to(dtype)
     twin = tether.autocache(copy.deepcopy(model))
-    xs = inputs().to(dtype)
+    xs = inputs(device).to(dtype)
 
     expected = model(xs)
     expected.square().sum().backward()
@@ -153,11 +155,11 @@ def test_outputs_and_gradients_equal_the_uncached_ones(dtype):
         )
 
 
-def test_orthogonal_kernel_gives_the_uncached_gradients():
-    model = Recurrent().double()
+def test_orthogonal_kernel_gives_the_uncached_gradients(device):
+    model = Recurrent(device).double()
     tether.orthogonal(model.cell, "weight_hh")
     twin = tether.autocache(copy.deepcopy(model))
-    xs = inputs().double()
+    xs = inputs(device).double()
     model(xs).sum().backward()
     twin(xs).sum().backward()
     expected = model.cell.parametrizations.weight_hh.original.grad
@@ -165,10 +167,10 @@ def test_orthogonal_kernel_gives_the_uncached_gradients():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_a_call_after_an_optimizer_step_uses_the_new_weights():
-    model, _ = recurrent()
+def test_a_call_after_an_optimizer_step_uses_the_new_weights(device):
+    model, _ = recurrent(device)
     twin = tether.autocache(copy.deepcopy(model))
-    xs = inputs()
+    xs = inputs(device)
     optimizer = torch.optim.SGD(twin.parameters(), lr=0.5)
     twin(xs).square().sum().backward()
     optimizer.step()
@@ -187,9 +189,11 @@ def squared(X: torch.Tensor) -> torch.Tensor:
 
 
 # Maps that save tensors for their backward: a second backward through one raises.
-LAYERS: dict[str, Callable[[], nn.Linear]] = {
-    "orthogonal": lambda: tether.orthogonal(nn.Linear(N, N)),
-    "squared": lambda: tether.register_parametrization(nn.Linear(N, N), "weight", squared),
+LAYERS: dict[str, Callable[[torch.device], nn.Linear]] = {
+    "orthogonal": lambda device: tether.orthogonal(nn.Linear(N, N, device=device)),
+    "squared": lambda device: tether.register_parametrization(
+        nn.Linear(N, N, device=device), "weight", squared
+    ),
 }
 
 SCENARIOS = [
@@ -223,9 +227,9 @@ class Reads(nn.Module):
                 layer.weight.norm()
             return layer(x)
         if self.scenario == "autocast_bf16_then_autocast_disabled":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 y = layer(x)  # a bfloat16 weight
-                with torch.autocast("cpu", enabled=False):
+                with torch.autocast(x.device.type, enabled=False):
                     return layer(y.float())  # a float32 weight
         # Two checkpointed segments that each read the weight twice, and one read outside.
         reentrant = self.scenario == "reentrant_checkpoint_and_outside"
@@ -246,11 +250,11 @@ def output_and_gradients(model: Reads, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_reads_in_other_contexts_give_the_uncached_outputs_and_gradients(kind, scenario):
+def test_reads_in_other_contexts_give_the_uncached_outputs_and_gradients(kind, scenario, device):
     # Issue 12, case 7: the gradient was None, off by 1.5, or the forward raised.
-    model = Reads(LAYERS[kind](), scenario)
+    model = Reads(LAYERS[kind](device), scenario)
     twin = tether.autocache(copy.deepcopy(model))
-    x = torch.randn(3, N, requires_grad=True)
+    x = torch.randn(3, N, device=device, requires_grad=True)
     expected = output_and_gradients(model, x)
     got = output_and_gradients(twin, x)
     eps = torch.finfo(torch.float32).eps
@@ -271,12 +275,12 @@ class LogsItsKernel(Recurrent):
         return h
 
 
-def test_the_kernel_is_evaluated_once_per_call_and_context():
-    model = LogsItsKernel()
+def test_the_kernel_is_evaluated_once_per_call_and_context(device):
+    model = LogsItsKernel(device)
     counter = counted(model, model.cell, "weight_hh")
     tether.autocache(model)
-    model(inputs())
-    model(inputs())
+    model(inputs(device))
+    model(inputs(device))
     assert counter.calls == 4  # a no-grad value and a grad-mode value per call
 
 
@@ -290,12 +294,14 @@ def fresh_dynamo():
 @pytest.mark.parametrize(
     "scenario", ["no_grad_read_then_grad_read", "autocast_bf16_then_autocast_disabled"]
 )
-def test_compiled_the_traced_cache_keeps_grad_mode_and_autocast_apart(fresh_dynamo, scenario):
+def test_compiled_the_traced_cache_keeps_grad_mode_and_autocast_apart(
+    fresh_dynamo, scenario, device
+):
     # Note [The cache under torch.compile]: the traced cache is keyed on the context too.
-    model = Reads(LAYERS["squared"](), scenario)
+    model = Reads(LAYERS["squared"](device), scenario)
     twin = tether.autocache(copy.deepcopy(model))
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
-    x = torch.randn(3, N, requires_grad=True)
+    x = torch.randn(3, N, device=device, requires_grad=True)
     expected = output_and_gradients(model, x)
     got = output_and_gradients(compiled, x)
     # Compiled and eager bfloat16 code round differently, with or without a cache.
@@ -308,8 +314,8 @@ def test_compiled_the_traced_cache_keeps_grad_mode_and_autocast_apart(fresh_dyna
 # --- no cache left behind ---------------------------------------------------------------------
 
 
-def raising(error: BaseException) -> tuple[Raising, CountingSymmetric]:
-    model = Raising(error)
+def raising(error: BaseException, device: torch.device) -> tuple[Raising, CountingSymmetric]:
+    model = Raising(error, device)
     counter = counted(model, model.layer, "weight")
     tether.autocache(model)
     return model, counter
@@ -318,38 +324,38 @@ def raising(error: BaseException) -> tuple[Raising, CountingSymmetric]:
 @pytest.mark.parametrize(
     "error", [ValueError("boom"), KeyboardInterrupt()], ids=["exception", "interrupt"]
 )
-def test_the_call_after_a_call_that_raised_evaluates_again(error):
-    model, counter = raising(error)
+def test_the_call_after_a_call_that_raised_evaluates_again(error, device):
+    model, counter = raising(error, device)
     with pytest.raises(type(error)):
-        model(torch.randn(2, N))
+        model(torch.randn(2, N, device=device))
     model.error = RuntimeError("again")
     with pytest.raises(RuntimeError, match="again"):
-        model(torch.randn(2, N))
+        model(torch.randn(2, N, device=device))
     first = model.layer.weight
     assert model.layer.weight is not first
     assert counter.calls == 4
 
 
-def test_reads_after_a_call_that_raised_are_not_cached():
-    model, counter = raising(ValueError("boom"))
+def test_reads_after_a_call_that_raised_are_not_cached(device):
+    model, counter = raising(ValueError("boom"), device)
     with pytest.raises(ValueError, match="boom"):
-        model(torch.randn(2, N))
+        model(torch.randn(2, N, device=device))
     first = model.layer.weight
     assert model.layer.weight is not first
     assert counter.calls == 3
 
 
-def test_reads_after_a_call_that_raised_inside_another_are_not_cached():
-    model, _ = raising(ValueError("boom"))
+def test_reads_after_a_call_that_raised_inside_another_are_not_cached(device):
+    model, _ = raising(ValueError("boom"), device)
     outer = tether.autocache(nn.Sequential(model))
     with pytest.raises(ValueError, match="boom"):
-        outer(torch.randn(2, N))
+        outer(torch.randn(2, N, device=device))
     first = model.layer.weight
     assert model.layer.weight is not first
 
 
-def test_a_failing_pre_hook_before_autocache_leaves_an_outer_cache_open():
-    model, _ = recurrent()
+def test_a_failing_pre_hook_before_autocache_leaves_an_outer_cache_open(device):
+    model, _ = recurrent(device)
     tether.autocache(model)
 
     def fail(module, args):
@@ -358,7 +364,7 @@ def test_a_failing_pre_hook_before_autocache_leaves_an_outer_cache_open():
     model.register_forward_pre_hook(fail, prepend=True)  # runs before autocache's own
     with tether.cached():
         with pytest.raises(ValueError, match="pre-hook"):
-            model(inputs())
+            model(inputs(device))
         first = model.cell.weight_hh
         assert model.cell.weight_hh is first  # the outer block still caches
 
@@ -376,8 +382,8 @@ class Catching(nn.Module):
         return self.inner.cell.weight_hh, self.inner.cell.weight_hh
 
 
-def test_a_failing_pre_hook_of_an_inner_model_leaves_the_outer_call_caching():
-    model, _ = recurrent()
+def test_a_failing_pre_hook_of_an_inner_model_leaves_the_outer_call_caching(device):
+    model, _ = recurrent(device)
     tether.autocache(model)
 
     def fail(module, args):
@@ -385,74 +391,74 @@ def test_a_failing_pre_hook_of_an_inner_model_leaves_the_outer_call_caching():
 
     model.register_forward_pre_hook(fail, prepend=True)  # runs before autocache's own
     outer = tether.autocache(Catching(model))
-    first, second = outer(inputs())
+    first, second = outer(inputs(device))
     assert first is second
 
 
 # --- nesting, idempotence, undo ---------------------------------------------------------------
 
 
-def test_autocache_twice_registers_one_pair_of_hooks():
-    model, counter = recurrent()
+def test_autocache_twice_registers_one_pair_of_hooks(device):
+    model, counter = recurrent(device)
     tether.autocache(tether.autocache(model))
     assert len(model._forward_pre_hooks) == 1
     assert len(model._forward_hooks) == 1
-    model(inputs())
+    model(inputs(device))
     assert counter.calls == 1
 
 
-def test_an_autocached_submodule_shares_the_cache_of_an_autocached_parent():
-    model, counter = recurrent()
+def test_an_autocached_submodule_shares_the_cache_of_an_autocached_parent(device):
+    model, counter = recurrent(device)
     tether.autocache(model.cell)
     parent = tether.autocache(nn.Sequential(model))
-    parent(inputs())
+    parent(inputs(device))
     assert counter.calls == 1
 
 
-def test_an_autocached_submodule_alone_caches_per_step():
-    model, counter = recurrent()
+def test_an_autocached_submodule_alone_caches_per_step(device):
+    model, counter = recurrent(device)
     tether.autocache(model.cell)
-    model(inputs())
+    model(inputs(device))
     assert counter.calls == STEPS  # each cell call is its own call of the cell
 
 
-def test_an_autocached_model_inside_cached_shares_the_block():
-    model, counter = recurrent()
+def test_an_autocached_model_inside_cached_shares_the_block(device):
+    model, counter = recurrent(device)
     tether.autocache(model)
     with tether.cached():
-        model(inputs())
-        model(inputs())
+        model(inputs(device))
+        model(inputs(device))
         inside = model.cell.weight_hh
     assert counter.calls == 1
     assert model.cell.weight_hh is not inside
 
 
-def test_enabled_false_removes_the_hooks():
-    model, counter = recurrent()
+def test_enabled_false_removes_the_hooks(device):
+    model, counter = recurrent(device)
     tether.autocache(model)
     assert tether.autocache(model, enabled=False) is model
     assert not model._forward_pre_hooks
     assert not model._forward_hooks
     assert not model._forward_hooks_always_called
-    model(inputs())
+    model(inputs(device))
     assert counter.calls == STEPS
 
 
-def test_enabled_false_keeps_other_hooks():
-    model, _ = recurrent()
+def test_enabled_false_keeps_other_hooks(device):
+    model, _ = recurrent(device)
     seen: list[str] = []
     model.register_forward_pre_hook(lambda module, args: seen.append("pre"))
     tether.autocache(model)
     model.register_forward_hook(lambda module, args, out: seen.append("post"))
     tether.autocache(model, enabled=False)
-    model(inputs())
+    model(inputs(device))
     assert seen == ["pre", "post"]
 
 
-def test_enabled_false_on_a_model_without_autocache_does_nothing():
-    model, counter = recurrent()
+def test_enabled_false_on_a_model_without_autocache_does_nothing(device):
+    model, counter = recurrent(device)
     tether.autocache(model, enabled=False)
-    model(inputs())
+    model(inputs(device))
     assert counter.calls == STEPS
 
 
@@ -467,9 +473,9 @@ def test_autocache_needs_a_module():
 class ReadsTwice(nn.Module):
     """Reads its weight, waits at a barrier shared by the callers, then reads it again."""
 
-    def __init__(self, barrier: threading.Barrier) -> None:
+    def __init__(self, barrier: threading.Barrier, device: torch.device) -> None:
         super().__init__()
-        self.layer = nn.Linear(N, N)
+        self.layer = nn.Linear(N, N, device=device)
         self.barrier = barrier
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -478,15 +484,15 @@ class ReadsTwice(nn.Module):
         return first, self.layer.weight
 
 
-def test_concurrent_calls_in_two_threads_each_cache_their_own_value():
+def test_concurrent_calls_in_two_threads_each_cache_their_own_value(device):
     barrier = threading.Barrier(2)
-    model = ReadsTwice(barrier)
+    model = ReadsTwice(barrier, device)
     counter = counted(model, model.layer, "weight")
     tether.autocache(model)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def call(label: str) -> None:
-        seen[label] = model(torch.randn(2, N))
+        seen[label] = model(torch.randn(2, N, device=device))
 
     thread = threading.Thread(target=call, args=("other",))
     thread.start()
@@ -503,24 +509,24 @@ def test_concurrent_calls_in_two_threads_each_cache_their_own_value():
 
 
 @pytest.mark.parametrize("roundtrip", list(ROUNDTRIPS))
-def test_a_copy_of_an_autocached_model_caches_too(roundtrip):
-    model, _ = recurrent()
+def test_a_copy_of_an_autocached_model_caches_too(roundtrip, device):
+    model, _ = recurrent(device)
     tether.autocache(model)
     clone = ROUNDTRIPS[roundtrip](model)
     assert isinstance(clone, Recurrent)
     counter = counter_of(clone)
     counter.calls = 0
-    xs = inputs()
+    xs = inputs(device)
     torch.testing.assert_close(clone(xs), model(xs), rtol=0.0, atol=0.0)
     assert counter.calls == 1
 
 
 @pytest.mark.parametrize("roundtrip", list(ROUNDTRIPS))
-def test_autocache_can_be_removed_from_a_copy(roundtrip):
-    model, _ = recurrent()
+def test_autocache_can_be_removed_from_a_copy(roundtrip, device):
+    model, _ = recurrent(device)
     clone = ROUNDTRIPS[roundtrip](tether.autocache(model))
     tether.autocache(clone, enabled=False)
     counter = counter_of(clone)
     counter.calls = 0
-    clone(inputs())
+    clone(inputs(device))
     assert counter.calls == STEPS

@@ -17,15 +17,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tether
-from tests.parametrizations import Double, Normalized, Symmetric, UpperPlusLower
+from tests.parametrizations import Double, Normalized, Symmetric, Tril, UpperPlusLower
 
 N = 3
 NAN, INF = math.nan, math.inf
-
-
-class Tril(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.tril()
 
 
 class NonNegativeCorner(nn.Module):

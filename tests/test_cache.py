@@ -1,7 +1,11 @@
 """Tests for ``tether.cached()``: one evaluation per block, reentrant, thread-local, and
 invalidated by writes (assignment, ``load_state_dict``, appending to a chain); one value per
 context (grad mode, inference mode, autocast, checkpointing), with the uncached values and
-gradients; and torch's ``parametrize.cached()`` honoured with the same semantics."""
+gradients; and torch's ``parametrize.cached()`` honoured with the same semantics. A scenario
+under ``cached()`` gives what it gives with torch's parametrize (torch twins).
+
+The tests that take the ``device`` and ``dtype`` fixtures follow ``--device`` and ``--dtype``
+(``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tether
-from tests.parametrizations import CountingSymmetric
+from tests.parametrizations import Cayley, CountingSymmetric, MatrixExp, Skew, Symmetric
+from tests.twins import IMPLEMENTATIONS, assert_same, grads, twin
 from tether import _cache, _torch_compat
 
 N = 4
@@ -36,53 +41,54 @@ class CountingScaled(nn.Module):
         return X * self.scale
 
 
-def make_layer() -> tuple[nn.Linear, CountingSymmetric]:
+def make_layer(device: torch.device, dtype: torch.dtype) -> tuple[nn.Linear, CountingSymmetric]:
     """A Linear with a symmetric weight; the counter starts at 0 after registration."""
     counter = CountingSymmetric()
-    layer = tether.register_parametrization(nn.Linear(N, N), "weight", counter)
+    layer = nn.Linear(N, N, device=device, dtype=dtype)
+    layer = tether.register_parametrization(layer, "weight", counter)
     counter.calls = 0
     return layer, counter
 
 
-def symmetric(n: int = N) -> torch.Tensor:
-    A = torch.randn(n, n)
+def symmetric(device: torch.device, dtype: torch.dtype, n: int = N) -> torch.Tensor:
+    A = torch.randn(n, n, device=device, dtype=dtype)
     return A + A.mT
 
 
-def test_two_reads_inside_cached_evaluate_the_parametrization_once():
-    layer, counter = make_layer()
+def test_two_reads_inside_cached_evaluate_the_parametrization_once(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with tether.cached():
         _ = layer.weight
         _ = layer.weight
     assert counter.calls == 1
 
 
-def test_two_reads_inside_cached_return_the_same_tensor_object():
-    layer, _ = make_layer()
+def test_two_reads_inside_cached_return_the_same_tensor_object(device, dtype):
+    layer, _ = make_layer(device, dtype)
     with tether.cached():
         first = layer.weight
         second = layer.weight
     assert first is second
 
 
-def test_cached_value_equals_the_uncached_value():
-    layer, _ = make_layer()
+def test_cached_value_equals_the_uncached_value(device, dtype):
+    layer, _ = make_layer(device, dtype)
     expected = layer.weight
     with tether.cached():
         got = layer.weight
     assert torch.equal(got, expected)
 
 
-def test_reads_outside_cached_evaluate_every_time():
-    layer, counter = make_layer()
+def test_reads_outside_cached_evaluate_every_time(device, dtype):
+    layer, counter = make_layer(device, dtype)
     first = layer.weight
     second = layer.weight
     assert counter.calls == 2
     assert first is not second
 
 
-def test_cache_is_dropped_when_the_block_exits():
-    layer, counter = make_layer()
+def test_cache_is_dropped_when_the_block_exits(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with tether.cached():
         inside = layer.weight
     outside = layer.weight
@@ -90,8 +96,8 @@ def test_cache_is_dropped_when_the_block_exits():
     assert outside is not inside
 
 
-def test_cache_is_dropped_when_the_block_exits_with_an_exception():
-    layer, counter = make_layer()
+def test_cache_is_dropped_when_the_block_exits_with_an_exception(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with pytest.raises(KeyError), tether.cached():
         inside = layer.weight
         raise KeyError("boom")
@@ -99,8 +105,8 @@ def test_cache_is_dropped_when_the_block_exits_with_an_exception():
     assert counter.calls == 2
 
 
-def test_nested_blocks_share_one_cache():
-    layer, counter = make_layer()
+def test_nested_blocks_share_one_cache(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with tether.cached():
         outer = layer.weight
         with tether.cached():
@@ -109,8 +115,8 @@ def test_nested_blocks_share_one_cache():
     assert counter.calls == 1
 
 
-def test_inner_block_exit_keeps_the_outer_cache():
-    layer, counter = make_layer()
+def test_inner_block_exit_keeps_the_outer_cache(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with tether.cached():
         with tether.cached():
             inner = layer.weight
@@ -119,16 +125,16 @@ def test_inner_block_exit_keeps_the_outer_cache():
     assert counter.calls == 1
 
 
-def test_cache_is_dropped_when_the_outermost_nested_block_exits():
-    layer, counter = make_layer()
+def test_cache_is_dropped_when_the_outermost_nested_block_exits(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with tether.cached(), tether.cached():  # two nested blocks
         inside = layer.weight
     assert layer.weight is not inside
     assert counter.calls == 2
 
 
-def test_decorated_function_caches_within_a_call():
-    layer, counter = make_layer()
+def test_decorated_function_caches_within_a_call(device, dtype):
+    layer, counter = make_layer(device, dtype)
 
     @tether.cached()
     def read_twice() -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +145,8 @@ def test_decorated_function_caches_within_a_call():
     assert counter.calls == 1
 
 
-def test_decorated_function_recomputes_on_each_call():
-    layer, counter = make_layer()
+def test_decorated_function_recomputes_on_each_call(device, dtype):
+    layer, counter = make_layer(device, dtype)
 
     @tether.cached()
     def read() -> torch.Tensor:
@@ -164,25 +170,25 @@ class TwiceThrough(nn.Module):
         return self.layer(torch.tanh(self.layer(x)))
 
 
-def test_decorated_forward_evaluates_the_parametrization_once_per_call():
-    layer, counter = make_layer()
+def test_decorated_forward_evaluates_the_parametrization_once_per_call(device, dtype):
+    layer, counter = make_layer(device, dtype)
     model = TwiceThrough(layer)
-    model(torch.randn(2, N))
-    model(torch.randn(2, N))
+    model(torch.randn(2, N, device=device, dtype=dtype))
+    model(torch.randn(2, N, device=device, dtype=dtype))
     assert counter.calls == 2
 
 
-def test_decorated_forward_gives_the_uncached_output():
-    layer, _ = make_layer()
+def test_decorated_forward_gives_the_uncached_output(device, dtype):
+    layer, _ = make_layer(device, dtype)
     model = TwiceThrough(layer)
-    x = torch.randn(2, N)
+    x = torch.randn(2, N, device=device, dtype=dtype)
     expected = layer(torch.tanh(layer(x)))
     assert torch.equal(model(x), expected)
 
 
 @pytest.mark.parametrize("other_thread_caches", [True, False], ids=["cached", "uncached"])
-def test_value_cached_in_one_thread_is_not_returned_in_another(other_thread_caches):
-    layer, _ = make_layer()
+def test_value_cached_in_one_thread_is_not_returned_in_another(other_thread_caches, device, dtype):
+    layer, _ = make_layer(device, dtype)
     main_has_read = threading.Event()
     seen: dict[str, torch.Tensor] = {}
 
@@ -207,8 +213,8 @@ def test_value_cached_in_one_thread_is_not_returned_in_another(other_thread_cach
     assert again is mine  # the other thread did not disturb this thread's cache
 
 
-def test_thread_outside_cached_recomputes_while_another_thread_caches():
-    layer, counter = make_layer()
+def test_thread_outside_cached_recomputes_while_another_thread_caches(device, dtype):
+    layer, counter = make_layer(device, dtype)
     main_is_caching = threading.Event()
     other_done = threading.Event()
     seen: list[torch.Tensor] = []
@@ -232,8 +238,8 @@ def test_thread_outside_cached_recomputes_while_another_thread_caches():
     assert counter.calls == 3
 
 
-def test_each_thread_keeps_its_own_cache_while_both_are_inside():
-    layer, _ = make_layer()
+def test_each_thread_keeps_its_own_cache_while_both_are_inside(device, dtype):
+    layer, _ = make_layer(device, dtype)
     other_has_read = threading.Event()
     main_has_read = threading.Event()
     seen: dict[str, torch.Tensor] = {}
@@ -257,9 +263,9 @@ def test_each_thread_keeps_its_own_cache_while_both_are_inside():
     assert mine is not seen["first"]
 
 
-def test_assignment_in_another_thread_drops_this_threads_stale_entry():
-    layer, _ = make_layer()
-    value = symmetric()
+def test_assignment_in_another_thread_drops_this_threads_stale_entry(device, dtype):
+    layer, _ = make_layer(device, dtype)
+    value = symmetric(device, dtype)
     main_has_read = threading.Event()
     assigned = threading.Event()
 
@@ -280,9 +286,9 @@ def test_assignment_in_another_thread_drops_this_threads_stale_entry():
     assert torch.equal(after, value)
 
 
-def test_assignment_inside_cached_drops_the_stale_entry():
-    layer, _ = make_layer()
-    value = symmetric()
+def test_assignment_inside_cached_drops_the_stale_entry(device, dtype):
+    layer, _ = make_layer(device, dtype)
+    value = symmetric(device, dtype)
     with tether.cached():
         before = layer.weight
         layer.weight = value.clone()
@@ -291,9 +297,9 @@ def test_assignment_inside_cached_drops_the_stale_entry():
     assert torch.equal(after, value)
 
 
-def test_load_state_dict_inside_cached_drops_the_stale_entry():
-    layer, _ = make_layer()
-    source, _ = make_layer()
+def test_load_state_dict_inside_cached_drops_the_stale_entry(device, dtype):
+    layer, _ = make_layer(device, dtype)
+    source, _ = make_layer(device, dtype)
     with tether.cached():
         _ = layer.weight
         layer.load_state_dict(source.state_dict())
@@ -301,21 +307,23 @@ def test_load_state_dict_inside_cached_drops_the_stale_entry():
     assert torch.equal(after, source.weight)
 
 
-def test_loading_a_plain_checkpoint_inside_cached_drops_the_stale_entry():
-    layer, _ = make_layer()
-    value = symmetric()
+def test_loading_a_plain_checkpoint_inside_cached_drops_the_stale_entry(device, dtype):
+    layer, _ = make_layer(device, dtype)
+    value = symmetric(device, dtype)
     with tether.cached():
         _ = layer.weight
-        layer.load_state_dict({"weight": value, "bias": torch.zeros(N)})
+        layer.load_state_dict({"weight": value, "bias": torch.zeros(N, device=device, dtype=dtype)})
         after = layer.weight
     assert torch.equal(after, value)
 
 
-def test_loading_a_parametrization_buffer_inside_cached_drops_the_stale_entry():
-    scaled = CountingScaled()
-    layer = tether.register_parametrization(nn.Linear(N, N), "weight", scaled)
+def test_loading_a_parametrization_buffer_inside_cached_drops_the_stale_entry(device, dtype):
+    scaled = CountingScaled().to(device)
+    layer = tether.register_parametrization(
+        nn.Linear(N, N, device=device, dtype=dtype), "weight", scaled
+    )
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["parametrizations.weight.0.scale"] = torch.tensor(3.0)
+    state["parametrizations.weight.0.scale"] = torch.tensor(3.0, device=device, dtype=dtype)
     with tether.cached():
         before = layer.weight
         layer.load_state_dict(state)
@@ -323,8 +331,8 @@ def test_loading_a_parametrization_buffer_inside_cached_drops_the_stale_entry():
     assert torch.equal(after, 3.0 * before)
 
 
-def test_appending_to_the_chain_inside_cached_drops_the_stale_entry():
-    layer, _ = make_layer()
+def test_appending_to_the_chain_inside_cached_drops_the_stale_entry(device, dtype):
+    layer, _ = make_layer(device, dtype)
     with tether.cached():
         before = layer.weight
         tether.register_parametrization(layer, "weight", lambda W: 2 * W)
@@ -332,8 +340,8 @@ def test_appending_to_the_chain_inside_cached_drops_the_stale_entry():
     assert torch.equal(after, 2 * before)
 
 
-def test_removing_inside_cached_returns_the_plain_parameter():
-    layer, _ = make_layer()
+def test_removing_inside_cached_returns_the_plain_parameter(device, dtype):
+    layer, _ = make_layer(device, dtype)
     original = layer.parametrizations.weight.original
     with tether.cached():
         _ = layer.weight
@@ -343,10 +351,10 @@ def test_removing_inside_cached_returns_the_plain_parameter():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_through_cached_reads_gives_the_uncached_gradients(dtype):
-    layer, _ = make_layer()
+def test_backward_through_cached_reads_gives_the_uncached_gradients(dtype, device):
+    layer, _ = make_layer(device, dtype)
     layer = layer.to(dtype)
-    x = torch.randn(3, N, dtype=dtype)
+    x = torch.randn(3, N, device=device, dtype=dtype)
     original = layer.parametrizations.weight.original
 
     def loss() -> torch.Tensor:
@@ -371,19 +379,20 @@ CACHES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
     "torch": torch_parametrize.cached,
 }
 
-CONTEXTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "grad": torch.enable_grad,
-    "no_grad": torch.no_grad,
-    "inference_mode": torch.inference_mode,
-    "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+# Each takes the device the reads run on.
+CONTEXTS: dict[str, Callable[[torch.device], contextlib.AbstractContextManager[None]]] = {
+    "grad": lambda device: torch.enable_grad(),
+    "no_grad": lambda device: torch.no_grad(),
+    "inference_mode": lambda device: torch.inference_mode(),
+    "autocast_bf16": lambda device: torch.autocast(device.type, dtype=torch.bfloat16),
 }
 
 
 @pytest.mark.parametrize("context", list(CONTEXTS))
 @pytest.mark.parametrize("cache", list(CACHES))
-def test_reads_in_one_context_evaluate_once(cache, context):
-    layer, counter = make_layer()
-    with CACHES[cache](), CONTEXTS[context]():
+def test_reads_in_one_context_evaluate_once(cache, context, device, dtype):
+    layer, counter = make_layer(device, dtype)
+    with CACHES[cache](), CONTEXTS[context](device):
         first = layer.weight
         second = layer.weight
     assert first is second
@@ -392,11 +401,11 @@ def test_reads_in_one_context_evaluate_once(cache, context):
 
 @pytest.mark.parametrize("context", [c for c in CONTEXTS if c != "grad"])
 @pytest.mark.parametrize("cache", list(CACHES))
-def test_another_context_gets_a_value_of_its_own_computed_once(cache, context):
-    layer, counter = make_layer()
+def test_another_context_gets_a_value_of_its_own_computed_once(cache, context, device, dtype):
+    layer, counter = make_layer(device, dtype)
     with CACHES[cache]():
         in_grad = layer.weight
-        with CONTEXTS[context]():
+        with CONTEXTS[context](device):
             in_context = layer.weight
             again = layer.weight
         back = layer.weight
@@ -407,19 +416,19 @@ def test_another_context_gets_a_value_of_its_own_computed_once(cache, context):
 
 
 @pytest.mark.parametrize("cache", list(CACHES))
-def test_each_weight_is_evaluated_once_per_distinct_context(cache):
-    layer, counter = make_layer()
+def test_each_weight_is_evaluated_once_per_distinct_context(cache, device, dtype):
+    layer, counter = make_layer(device, dtype)
     with CACHES[cache]():
         for _ in range(2):
             for context in CONTEXTS.values():
-                with context():
+                with context(device):
                     _ = layer.weight
     assert counter.calls == len(CONTEXTS)
 
 
 @pytest.mark.parametrize("cache", list(CACHES))
-def test_a_value_read_under_no_grad_first_is_not_served_to_grad_mode(cache):
-    layer, _ = make_layer()
+def test_a_value_read_under_no_grad_first_is_not_served_to_grad_mode(cache, device, dtype):
+    layer, _ = make_layer(device, dtype)
     with CACHES[cache]():
         with torch.no_grad():
             logged = layer.weight
@@ -429,9 +438,9 @@ def test_a_value_read_under_no_grad_first_is_not_served_to_grad_mode(cache):
 
 
 @pytest.mark.parametrize("cache", list(CACHES))
-def test_reads_under_saved_tensor_hooks_are_not_cached(cache):
+def test_reads_under_saved_tensor_hooks_are_not_cached(cache, device, dtype):
     # A non-reentrant checkpoint must recompute what its forward saved, cache or not.
-    layer, counter = make_layer()
+    layer, counter = make_layer(device, dtype)
     with CACHES[cache](), torch.autograd.graph.save_on_cpu():
         first = layer.weight
         second = layer.weight
@@ -445,9 +454,11 @@ def squared(X: torch.Tensor) -> torch.Tensor:
 
 
 # Maps that save tensors for their backward: a second backward through one raises.
-LAYERS: dict[str, Callable[[], nn.Linear]] = {
-    "orthogonal": lambda: tether.orthogonal(nn.Linear(N, N)),
-    "squared": lambda: tether.register_parametrization(nn.Linear(N, N), "weight", squared),
+LAYERS: dict[str, Callable[[torch.device], nn.Linear]] = {
+    "orthogonal": lambda device: tether.orthogonal(nn.Linear(N, N, device=device)),
+    "squared": lambda device: tether.register_parametrization(
+        nn.Linear(N, N, device=device), "weight", squared
+    ),
 }
 
 
@@ -464,9 +475,9 @@ def read_in_inference_mode_first(layer: nn.Module, x: torch.Tensor) -> torch.Ten
 
 
 def autocast_then_autocast_disabled(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         y = layer(x)  # a bfloat16 weight
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             return layer(y.float()).square().sum()  # a float32 weight
 
 
@@ -520,9 +531,9 @@ def loss_and_gradients(
 @pytest.mark.parametrize("cache", list(CACHES))
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_values_and_gradients_equal_the_uncached_ones(kind, scenario, cache, backward):
-    layer = LAYERS[kind]()
-    x = torch.randn(3, N, requires_grad=True)
+def test_values_and_gradients_equal_the_uncached_ones(kind, scenario, cache, backward, device):
+    layer = LAYERS[kind](device)
+    x = torch.randn(3, N, device=device, requires_grad=True)
     expected = loss_and_gradients(layer, x, scenario)
     got = loss_and_gradients(layer, x, scenario, CACHES[cache], backward == "inside")
     eps = torch.finfo(torch.float32).eps
@@ -531,11 +542,11 @@ def test_values_and_gradients_equal_the_uncached_ones(kind, scenario, cache, bac
         torch.testing.assert_close(g, e, rtol=16 * eps, atol=16 * eps * scale, msg=name)
 
 
-def test_a_reentrant_recomputation_evaluates_once_per_segment():
+def test_a_reentrant_recomputation_evaluates_once_per_segment(device, dtype):
     # The cache is open during backward: each segment's recomputation (its own graph, which
     # it backpropagates through at once) computes the weight once, however often it reads it.
-    layer, counter = make_layer()
-    x = torch.randn(3, N, requires_grad=True)
+    layer, counter = make_layer(device, dtype)
+    x = torch.randn(3, N, device=device, dtype=dtype, requires_grad=True)
 
     def twice(y: torch.Tensor) -> torch.Tensor:
         return layer(torch.tanh(layer(y)))
@@ -552,8 +563,8 @@ def test_a_reentrant_recomputation_evaluates_once_per_segment():
 # --- torch.nn.utils.parametrize.cached() (Note [torch's cached()]) ----------------------------
 
 
-def test_torch_cached_caches_tether_parametrizations():
-    layer, counter = make_layer()
+def test_torch_cached_caches_tether_parametrizations(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with torch_parametrize.cached():
         first = layer.weight
         second = layer.weight
@@ -561,8 +572,8 @@ def test_torch_cached_caches_tether_parametrizations():
     assert counter.calls == 1
 
 
-def test_torch_cached_values_are_dropped_when_its_block_exits():
-    layer, counter = make_layer()
+def test_torch_cached_values_are_dropped_when_its_block_exits(device, dtype):
+    layer, counter = make_layer(device, dtype)
     with torch_parametrize.cached():
         inside = layer.weight
     outside = layer.weight
@@ -570,8 +581,8 @@ def test_torch_cached_values_are_dropped_when_its_block_exits():
     assert counter.calls == 2
 
 
-def test_a_torch_cached_block_never_serves_the_previous_blocks_value():
-    layer, _ = make_layer()
+def test_a_torch_cached_block_never_serves_the_previous_blocks_value(device, dtype):
+    layer, _ = make_layer(device, dtype)
     with torch_parametrize.cached():
         before = layer.weight
     with torch.no_grad():  # an optimizer step: in place, unseen by the cache
@@ -584,8 +595,8 @@ def test_a_torch_cached_block_never_serves_the_previous_blocks_value():
 
 
 @pytest.mark.parametrize("outer", ["tether", "torch"])
-def test_torch_cached_nested_with_tether_cached_evaluates_once(outer):
-    layer, counter = make_layer()
+def test_torch_cached_nested_with_tether_cached_evaluates_once(outer, device, dtype):
+    layer, counter = make_layer(device, dtype)
     inner = "torch" if outer == "tether" else "tether"
     with CACHES[outer]():
         with CACHES[inner]():
@@ -596,9 +607,9 @@ def test_torch_cached_nested_with_tether_cached_evaluates_once(outer):
     assert layer.weight is not in_inner
 
 
-def test_assignment_inside_torch_cached_drops_the_stale_entry():
-    layer, _ = make_layer()
-    value = symmetric()
+def test_assignment_inside_torch_cached_drops_the_stale_entry(device, dtype):
+    layer, _ = make_layer(device, dtype)
+    value = symmetric(device, dtype)
     with torch_parametrize.cached():
         _ = layer.weight
         layer.weight = value.clone()
@@ -606,9 +617,9 @@ def test_assignment_inside_torch_cached_drops_the_stale_entry():
     assert torch.equal(after, value)
 
 
-def test_inside_torch_cached_each_thread_caches_its_own_value():
+def test_inside_torch_cached_each_thread_caches_its_own_value(device, dtype):
     # torch's flag is global: every thread caches while one is inside its block.
-    layer, _ = make_layer()
+    layer, _ = make_layer(device, dtype)
     main_has_read = threading.Event()
     seen: list[torch.Tensor] = []
 
@@ -629,8 +640,8 @@ def test_inside_torch_cached_each_thread_caches_its_own_value():
     assert again is mine
 
 
-def test_a_thread_that_read_inside_torch_cached_takes_its_values_when_it_ends():
-    layer, _ = make_layer()
+def test_a_thread_that_read_inside_torch_cached_takes_its_values_when_it_ends(device, dtype):
+    layer, _ = make_layer(device, dtype)
     thread = threading.Thread(target=lambda: layer.weight)
     with torch_parametrize.cached():
         thread.start()
@@ -652,8 +663,8 @@ def test_torch_session_names_each_block_of_torch_cached():
     assert second is not first
 
 
-def test_without_torchs_flag_tether_reads_uncached(monkeypatch):
-    layer, counter = make_layer()
+def test_without_torchs_flag_tether_reads_uncached(monkeypatch, device, dtype):
+    layer, counter = make_layer(device, dtype)
     monkeypatch.setattr(_cache, "torch_parametrize", _torch_compat._WithoutTorchCache)
     with torch_parametrize.cached():
         assert _cache.torch_session() is None
@@ -662,8 +673,8 @@ def test_without_torchs_flag_tether_reads_uncached(monkeypatch):
     assert counter.calls == 2
 
 
-def test_without_torchs_autograd_state_nothing_is_cached(monkeypatch):
-    layer, counter = make_layer()
+def test_without_torchs_autograd_state_nothing_is_cached(monkeypatch, device, dtype):
+    layer, counter = make_layer(device, dtype)
     expected = layer.weight
     counter.calls = 0
     monkeypatch.setattr(_cache, "keyable", False)  # as on a torch without one of the names
@@ -673,3 +684,40 @@ def test_without_torchs_autograd_state_nothing_is_cached(monkeypatch):
     assert first is not second
     assert counter.calls == 2
     assert torch.equal(first, expected)
+
+
+# --- the values and gradients of torch's parametrize under cached() (torch twins) -------------
+
+
+def test_cached_gives_the_same_values_as_torch():
+    def scenario(parametrize):
+        layer = nn.Linear(4, 4)
+        parametrize.register_parametrization(layer, "weight", Skew())
+        parametrize.register_parametrization(layer, "weight", MatrixExp())
+        x = torch.randn(2, 4)
+        with parametrize.cached():
+            return layer.weight, layer(layer(x))
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("parametrize", IMPLEMENTATIONS)
+def test_cached_returns_one_tensor_per_block(parametrize):
+    layer = parametrize.register_parametrization(nn.Linear(4, 4), "weight", Symmetric())
+    with parametrize.cached():
+        assert layer.weight is layer.weight
+
+
+def test_cached_gradients_match_torch():
+    def scenario(parametrize):
+        layer = nn.Linear(4, 4)
+        parametrize.register_parametrization(layer, "weight", Skew())
+        parametrize.register_parametrization(layer, "weight", Cayley())
+        x = torch.randn(2, 4)
+        with parametrize.cached():
+            layer(layer(x)).sum().backward()
+        return grads(layer)
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)

@@ -17,8 +17,8 @@ import torch.nn.utils.parametrize as torch_parametrize
 from torch import nn
 
 import tether
-from tether import _chains
 from tests.parametrizations import Double, Symmetric
+from tether import _chains
 
 
 class Gain(nn.Module):
@@ -165,7 +165,7 @@ def test_a_failed_plan_leaves_the_state_as_it_was():
     layer = linear(Normalised(), Double())
     chain = tether.chains(layer)["weight"]
     norm, original = chain[0].norm.clone(), chain.original.clone()
-    with pytest.raises(ValueError, match="Linear.weight"):
+    with pytest.raises(ValueError, match=r"Linear\.weight"):
         chain.plan(torch.full((3, 3), float("nan")))
     assert torch.equal(chain[0].norm, norm) and torch.equal(chain.original, original)
 

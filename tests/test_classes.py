@@ -1,6 +1,6 @@
 """Tests for the shared ``Parametrized<Base>`` classes: one class per (base, names), no class
-or memory growth in register/remove loops, pickling, ensembling, interop with
-``torch.nn.utils.parametrize``, assignment and deletion, and ``torch.compile``."""
+or memory growth in register/remove loops, pickling (and deepcopy, as torch's), ensembling,
+interop with ``torch.nn.utils.parametrize``, assignment and deletion, and ``torch.compile``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from torch.nn.utils import parametrizations as torch_parametrizations
 
 import tether
 from tests.copies import ROUNDTRIPS, pickle_roundtrip
-from tests.parametrizations import Double, Symmetric
+from tests.parametrizations import Double, Halves, Scale, Symmetric
+from tests.twins import assert_same, snapshot, twin
 
 N = 4
 LOOPS = 10_000
@@ -225,6 +226,29 @@ def test_copy_trains_and_keeps_its_constraint(roundtrip):
     assert is_symmetric(clone[0].weight.detach())
 
 
+def test_deepcopy_matches_torch():
+    def scenario(parametrize):
+        layer = nn.Linear(4, 4)
+        parametrize.register_parametrization(layer, "weight", Symmetric())
+        parametrize.register_parametrization(layer, "bias", Halves())
+        clone = copy.deepcopy(layer)
+        return snapshot(clone, parametrize, torch.randn(2, 4))
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)
+
+
+def test_deepcopy_of_parametrized_lstm_matches_torch():
+    def scenario(parametrize):
+        lstm = nn.LSTM(3, 3)
+        parametrize.register_parametrization(lstm, "weight_hh_l0", Scale(2.0))
+        clone = copy.deepcopy(lstm)
+        return snapshot(clone, parametrize), clone(torch.randn(2, 1, 3))
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)
+
+
 # --- torch.func.stack_module_state ----------------------------------------------------------
 
 
@@ -355,6 +379,18 @@ def test_tether_appending_to_a_torch_chain_makes_it_picklable():
     clone = pickle_roundtrip(layer)
     assert [type(p) for p in clone.parametrizations.weight] == [Symmetric, Double]
     assert torch.equal(clone.weight, layer.weight)
+
+
+def test_torch_parametrizations_work_on_a_tether_module():
+    def scenario(first):
+        layer = nn.Linear(4, 4)
+        first.register_parametrization(layer, "bias", Scale(2.0))
+        torch.nn.utils.parametrizations.orthogonal(layer, "weight")
+        torch_parametrize.remove_parametrizations(layer, "weight")
+        return snapshot(layer, torch_parametrize, torch.randn(2, 4))
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)
 
 
 # --- assignment and deletion ----------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``torch.func`` on parametrized models: ``functional_call`` with either key, ``grad`` and
 ``vmap`` through it, and ensembles with ``stack_module_state``; compared with PyTorch's
-parametrize where it differs."""
+parametrize where it differs, and where it agrees (a ``state_dict`` of originals given to
+``functional_call``, as a torch twin)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,10 @@ from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 import tether
+from tests.parametrizations import Symmetric, Tril, UpperPlusLower
+from tests.twins import assert_same, twin
 
 N = 4
-
-
-class Tril(nn.Module):
-    """A parametrization without right inverse."""
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.tril()
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu()
 
 
 def linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -183,3 +171,14 @@ def test_served_value_replaces_a_cached_one():
         Q = layer.weight
         assert torch.allclose(functional_call(layer, {"weight": W}, (x,)), linear(x, W, layer.bias))
         assert torch.equal(layer.weight, Q)
+
+
+def test_functional_call_matches_torch():
+    def scenario(parametrize):
+        layer = nn.Linear(4, 4)
+        parametrize.register_parametrization(layer, "weight", UpperPlusLower())
+        state = {name: 2 * tensor for name, tensor in layer.state_dict().items()}
+        return torch.func.functional_call(layer, state, (torch.randn(3, 4),))
+
+    expected, actual = twin(scenario)
+    assert_same(expected, actual)

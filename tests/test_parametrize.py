@@ -1,18 +1,20 @@
-"""Compatibility of ``tether.parametrize`` with ``torch.nn.utils.parametrize``.
+"""Compatibility of ``tether.parametrize``'s registering, removing and querying functions with
+``torch.nn.utils.parametrize``: values at registration and through chains, many-to-one
+parametrizations, buffers and unsafe ones, removal, ``is_parametrized``,
+``type_before_parametrizations``, ``transfer_parametrizations_and_params``, gradients, and random
+sequences of operations.
 
-``tether.parametrize`` claims to be a drop-in replacement for PyTorch's module. Every test here
-runs one scenario through both implementations, from the same seed, and checks that a user
-sees the same thing: parametrized values, gradients on the originals, ``state_dict`` keys (in
-order) and tensors, the class of the module, and the identity of the ``Parameter`` objects an
-optimizer holds. Tests over ``IMPLEMENTATIONS`` check a property PyTorch guarantees on both.
+Every test here runs one scenario through both implementations (:func:`tests.twins.twin`), from
+the same seed, and checks that a user sees the same thing; tests over ``IMPLEMENTATIONS`` check
+a property PyTorch guarantees on both. The twin tests of the other parts of the mechanism are
+in ``test_parametrization_list.py``, ``test_cache.py``, ``test_classes.py``, ``test_loading.py``
+and ``test_func.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import io
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -24,159 +26,32 @@ from torch import nn
 
 import tether
 import tether.parametrize as tether_parametrize
-from tests.parametrizations import Normalized, UpperPlusLower
-
-IMPLEMENTATIONS = [
-    pytest.param(torch_parametrize, id="torch"),
-    pytest.param(tether_parametrize, id="tether"),
-]
-
-# Both implementations run the very same floating-point operations, so results should agree to
-# the last bit; a few ulps of slack keep the comparison meaningful without being brittle.
-ULPS = 4
-
+from tests.parametrizations import (
+    Cayley,
+    Halves,
+    Identity,
+    LearnableScale,
+    MatrixExp,
+    Normalized,
+    Reshape,
+    Scale,
+    Skew,
+    Symmetric,
+    UpperPlusLower,
+)
+from tests.twins import (
+    IMPLEMENTATIONS,
+    Recording,
+    assert_same,
+    assert_tensors_match,
+    grads,
+    snapshot,
+    twin,
+)
 
 # --------------------------------------------------------------------------------------------
-# Parametrizations (written for these tests)
+# Modules (written for these tests)
 # --------------------------------------------------------------------------------------------
-
-
-class Symmetric(nn.Module):
-    """Symmetric matrices from the upper triangle."""
-
-    def forward(self, X):
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, A):
-        return A.triu()
-
-
-class Skew(nn.Module):
-    """Skew-symmetric matrices (batched over leading dimensions) from the strict upper part."""
-
-    def forward(self, X):
-        upper = X.triu(1)
-        return upper - upper.mT
-
-    def right_inverse(self, A):
-        return A.triu(1)
-
-
-class MatrixExp(nn.Module):
-    """exp(A); it has no right_inverse, so assignment through it is not possible."""
-
-    def forward(self, A):
-        return torch.linalg.matrix_exp(A)
-
-
-class Cayley(nn.Module):
-    """Q = (I - A)^-1 (I + A), orthogonal for skew A; right_inverse A = (Q + I)^-1 (Q - I)."""
-
-    def forward(self, A):
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        return torch.linalg.solve(eye - A, eye + A)
-
-    def right_inverse(self, Q):
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        return torch.linalg.solve(Q + eye, Q - eye)
-
-
-class Scale(nn.Module):
-    """Multiplication by a fixed factor."""
-
-    def __init__(self, factor: float = 2.0) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, X):
-        return X * self.factor
-
-    def right_inverse(self, X):
-        return X / self.factor
-
-
-class LearnableScale(nn.Module):
-    """Multiplication by a trained scalar: the parametrization has state of its own."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(1.5))
-
-    def forward(self, X):
-        return X * self.scale
-
-    def right_inverse(self, X):
-        return X / self.scale
-
-
-class Identity(nn.Module):
-    """Returns its input unchanged, with a right_inverse that does the same."""
-
-    def forward(self, X):
-        return X
-
-    def right_inverse(self, X):
-        return X
-
-
-class Split(nn.Module):
-    """Many-to-one: the tensor is stored as an upper and a strictly-lower part."""
-
-    def forward(self, upper, lower):
-        return upper.triu() + lower.tril(-1)
-
-    def right_inverse(self, X):
-        return X.triu(), X.tril(-1)
-
-
-class Halves(nn.Module):
-    """Many-to-one for tensors of any shape: the sum of two originals."""
-
-    def forward(self, a, b):
-        return a + b
-
-    def right_inverse(self, X):
-        return X / 2, X / 2
-
-
-class Reshape(nn.Module):
-    """Changes the shape (needs unsafe=True); right_inverse flattens back."""
-
-    def __init__(self, *shape: int) -> None:
-        super().__init__()
-        self.shape = shape
-
-    def forward(self, X):
-        return X.reshape(self.shape)
-
-    def right_inverse(self, X):
-        return X.flatten()
-
-
-class Counting(nn.Module):
-    """Doubles, and counts in buffers how often forward and right_inverse run (a stateful
-    parametrization, like spectral norm's power iteration, depends on those counts)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
-        self.register_buffer("inverses", torch.zeros((), dtype=torch.long))
-
-    def forward(self, X):
-        self.forwards += 1
-        return X * 2
-
-    def right_inverse(self, X):
-        self.inverses += 1
-        return X / 2
-
-
-class Recording(nn.Linear):
-    """A Linear whose own ``__setattr__`` records every assignment."""
-
-    def __setattr__(self, name, value):
-        self.__dict__.setdefault("assigned", []).append(name)
-        super().__setattr__(name, value)
 
 
 class WithBuffer(nn.Module):
@@ -197,72 +72,6 @@ class Vector(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(6))
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def twin(scenario: Callable[[Any], Any], seed: int = 0) -> tuple[Any, Any]:
-    """Run ``scenario(parametrize)`` with torch's module and with tether's, from one seed."""
-    results = []
-    for parametrize in (torch_parametrize, tether_parametrize):
-        torch.manual_seed(seed)
-        results.append(scenario(parametrize))
-    return results[0], results[1]
-
-
-def assert_tensors_match(expected: torch.Tensor, actual: torch.Tensor) -> None:
-    tol = ULPS * torch.finfo(expected.dtype).eps if expected.is_floating_point() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
-
-
-def assert_same(expected: Any, actual: Any, path: str = "result") -> None:
-    """Compare nested results of a scenario: tensors by value, mappings by keys in order."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), path
-        assert type(actual) is type(expected), path
-        assert_tensors_match(expected.detach(), actual.detach())
-    elif isinstance(expected, Mapping):
-        assert list(actual) == list(expected), path
-        for key in expected:
-            assert_same(expected[key], actual[key], f"{path}[{key!r}]")
-    elif isinstance(expected, list | tuple):
-        assert len(actual) == len(expected), path
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            assert_same(e, a, f"{path}[{i}]")
-    else:
-        assert actual == expected, path
-
-
-def snapshot(module: nn.Module, parametrize: Any, x: torch.Tensor | None = None) -> dict:
-    """What a user can observe of a module: class, parameters, buffers, state_dict, output."""
-    view = {
-        "class": type(module).__name__,
-        "type_before": parametrize.type_before_parametrizations(module).__name__,
-        "is_parametrized": parametrize.is_parametrized(module),
-        "parameters": dict(module.named_parameters()),
-        "buffers": dict(module.named_buffers()),
-        "state_dict": dict(module.state_dict()),
-        "parametrized": {
-            name: getattr(module, name) for name in getattr(module, "parametrizations", {})
-        },
-    }
-    if x is not None:
-        view["output"] = module(x)
-    return view
-
-
-def grads(module: nn.Module) -> dict:
-    return {name: p.grad for name, p in module.named_parameters()}
-
-
-def rotation(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A rotation away from -1 eigenvalues, so that the Cayley transform can reach it."""
-    generator = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=generator, dtype=dtype) / n
-    return torch.linalg.matrix_exp(a - a.mT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,110 +245,6 @@ def test_appending_a_many_to_one_parametrization_raises_saying_it_must_come_firs
     assert torch.equal(layer.weight, before)
 
 
-def test_assignment_goes_back_through_the_whole_chain_like_torch():
-    target = 2.0 * rotation(4, seed=7)
-
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        for parametrization in (Skew(), Cayley(), Scale(2.0)):
-            parametrize.register_parametrization(layer, "weight", parametrization)
-        layer.weight = target
-        return snapshot(layer, parametrize)
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-def test_assignment_through_the_chain_reproduces_the_value():
-    target = 2.0 * rotation(4, seed=7, dtype=torch.float64)
-    layer = nn.Linear(4, 4, dtype=torch.float64)
-    for parametrization in (Skew(), Cayley(), Scale(2.0)):
-        tether_parametrize.register_parametrization(layer, "weight", parametrization)
-    layer.weight = target
-    # A linear solve forwards and one backwards on a well-conditioned 4x4 matrix.
-    tol = 16 * ULPS * torch.finfo(torch.float64).eps
-    torch.testing.assert_close(layer.weight, target, rtol=tol, atol=tol)
-
-
-def test_assignment_without_right_inverse_raises_like_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Skew())
-        parametrize.register_parametrization(layer, "weight", MatrixExp())
-        with pytest.raises(RuntimeError):
-            layer.weight = torch.eye(4)
-        return snapshot(layer, parametrize)
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-def test_stateful_parametrization_runs_as_often_as_in_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(3, 3)
-        first, second = Counting(), Counting()
-        parametrize.register_parametrization(layer, "weight", first)
-        parametrize.register_parametrization(layer, "weight", second)
-        layer.weight = torch.ones(3, 3)
-        layer(torch.randn(2, 3))
-        parametrize.remove_parametrizations(layer, "weight")
-        return first.state_dict(), second.state_dict()
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-def test_assignment_still_runs_the_module_class_setattr():
-    def scenario(parametrize):
-        layer = Recording(3, 3)
-        parametrize.register_parametrization(layer, "weight", Symmetric())
-        layer.__dict__["assigned"] = []
-        layer.weight = torch.ones(3, 3)
-        layer.note = "x"
-        return layer.assigned
-
-    expected, actual = twin(scenario)
-    assert actual == expected == ["weight", "note"]
-
-
-def test_lstm_flat_weights_follow_assignment_like_torch():
-    def scenario(parametrize):
-        lstm = nn.LSTM(3, 3)
-        parametrize.register_parametrization(lstm, "bias_hh_l0", Scale(2.0))
-        lstm.weight_ih_l0 = nn.Parameter(torch.zeros(12, 3))
-        return lstm._flat_weights[0] is lstm.weight_ih_l0
-
-    expected, actual = twin(scenario)
-    assert actual == expected
-
-
-def test_assigning_a_parameter_raises_keyerror_as_torch_does():
-    def scenario(parametrize):
-        layer = nn.Linear(3, 3)
-        parametrize.register_parametrization(layer, "weight", Symmetric())
-        try:
-            layer.weight = nn.Parameter(torch.eye(3))
-        except KeyError:
-            return "KeyError"
-        return "no error"
-
-    expected, actual = twin(scenario)
-    assert actual == expected == "KeyError"
-
-
-def test_assignment_after_resizing_the_original_matches_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Scale(2.0))
-        plist = layer.parametrizations.weight
-        plist.original = nn.Parameter(plist.original[:2].detach())  # keep two output rows
-        layer.weight = torch.ones(2, 4)
-        return snapshot(layer, parametrize)
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
 # --------------------------------------------------------------------------------------------
 # Many-to-one parametrizations
 # --------------------------------------------------------------------------------------------
@@ -548,7 +253,7 @@ def test_assignment_after_resizing_the_original_matches_torch():
 def test_many_to_one_registers_original0_original1_like_torch():
     def scenario(parametrize):
         layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Split())
+        parametrize.register_parametrization(layer, "weight", UpperPlusLower())
         return snapshot(layer, parametrize, torch.randn(2, 4))
 
     expected, actual = twin(scenario)
@@ -565,7 +270,7 @@ def test_many_to_one_assignment_matches_torch():
 
     def scenario(parametrize):
         layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Split())
+        parametrize.register_parametrization(layer, "weight", UpperPlusLower())
         parametrize.register_parametrization(layer, "weight", Scale(2.0))
         layer.weight = value
         return snapshot(layer, parametrize)
@@ -577,7 +282,7 @@ def test_many_to_one_assignment_matches_torch():
 def test_many_to_one_gradients_match_torch():
     def scenario(parametrize):
         layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Split())
+        parametrize.register_parametrization(layer, "weight", UpperPlusLower())
         layer(torch.randn(3, 4)).square().sum().backward()
         return grads(layer)
 
@@ -599,7 +304,7 @@ def test_many_to_one_remove_leaving_parametrized_matches_torch():
 @pytest.mark.parametrize("parametrize", IMPLEMENTATIONS)
 def test_many_to_one_remove_to_original_raises(parametrize):
     layer = nn.Linear(4, 4)
-    parametrize.register_parametrization(layer, "weight", Split())
+    parametrize.register_parametrization(layer, "weight", UpperPlusLower())
     with pytest.raises(ValueError):
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
 
@@ -623,7 +328,7 @@ def test_batchnorm_running_mean_buffer_matches_torch():
 
 
 @pytest.mark.parametrize(
-    "parametrization", [pytest.param(Symmetric, id="one"), pytest.param(Split, id="many")]
+    "parametrization", [pytest.param(Symmetric, id="one"), pytest.param(UpperPlusLower, id="many")]
 )
 def test_registered_buffer_matches_torch(parametrization):
     def scenario(parametrize):
@@ -638,7 +343,7 @@ def test_registered_buffer_matches_torch(parametrization):
 @pytest.mark.parametrize("parametrize", IMPLEMENTATIONS)
 def test_parametrized_buffer_originals_are_buffers(parametrize):
     module = WithBuffer()
-    parametrize.register_parametrization(module, "table", Split())
+    parametrize.register_parametrization(module, "table", UpperPlusLower())
     assert [name for name, _ in module.named_parameters()] == ["scale"]
 
 
@@ -842,7 +547,7 @@ def test_parametrization_follows_module_training_mode_like_torch(training):
 
 
 @pytest.mark.parametrize(
-    "parametrization", [pytest.param(Symmetric, id="one"), pytest.param(Split, id="many")]
+    "parametrization", [pytest.param(Symmetric, id="one"), pytest.param(UpperPlusLower, id="many")]
 )
 @pytest.mark.parametrize("parametrize", IMPLEMENTATIONS)
 def test_transfer_shares_the_parameter_objects(parametrize, parametrization):
@@ -902,97 +607,8 @@ def test_transfer_from_unparametrized_does_nothing(parametrize):
 
 
 # --------------------------------------------------------------------------------------------
-# ParametrizationList
+# Gradients and dtype conversion
 # --------------------------------------------------------------------------------------------
-
-
-def _plist_attributes(plist: nn.Module) -> dict:
-    return {
-        "class": type(plist).__name__,
-        "len": len(plist),
-        "is_tensor": plist.is_tensor,
-        "ntensors": plist.ntensors,
-        "unsafe": plist.unsafe,
-        "originals": [name for name, _ in plist.named_parameters(recurse=False)],
-        "has_original": hasattr(plist, "original"),
-    }
-
-
-# (parametrizations, unsafe) registered in order on a Linear(4, 4) weight
-PLIST_CHAINS = [
-    pytest.param([(Symmetric, False)], id="one"),
-    pytest.param([(Split, False)], id="many"),
-    pytest.param([(lambda: Reshape(16), True)], id="unsafe"),
-    pytest.param([(Symmetric, False), (Scale, True)], id="appended-unsafe"),
-    pytest.param([(Split, False), (Scale, False), (Identity, False)], id="many-chain"),
-]
-
-
-@pytest.mark.parametrize("chain", PLIST_CHAINS)
-def test_parametrization_list_attributes_match_torch(chain):
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        for make, unsafe in chain:
-            parametrize.register_parametrization(layer, "weight", make(), unsafe=unsafe)
-        return _plist_attributes(layer.parametrizations.weight)
-
-    expected, actual = twin(scenario)
-    assert actual == expected
-
-
-@pytest.mark.parametrize("parametrize", IMPLEMENTATIONS)
-def test_parametrization_list_is_exported_type(parametrize):
-    layer = parametrize.register_parametrization(nn.Linear(3, 3), "weight", Symmetric())
-    assert isinstance(layer.parametrizations.weight, parametrize.ParametrizationList)
-
-
-def test_parametrization_list_called_directly_matches_torch():
-    def scenario(parametrize):
-        original = nn.Parameter(torch.randn(3, 3))
-        plist = parametrize.ParametrizationList([Symmetric(), Scale(2.0)], original)
-        return plist(), plist.original, plist.original is original
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-# --------------------------------------------------------------------------------------------
-# cached(), gradients, copies
-# --------------------------------------------------------------------------------------------
-
-
-def test_cached_gives_the_same_values_as_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Skew())
-        parametrize.register_parametrization(layer, "weight", MatrixExp())
-        x = torch.randn(2, 4)
-        with parametrize.cached():
-            return layer.weight, layer(layer(x))
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-@pytest.mark.parametrize("parametrize", IMPLEMENTATIONS)
-def test_cached_returns_one_tensor_per_block(parametrize):
-    layer = parametrize.register_parametrization(nn.Linear(4, 4), "weight", Symmetric())
-    with parametrize.cached():
-        assert layer.weight is layer.weight
-
-
-def test_cached_gradients_match_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Skew())
-        parametrize.register_parametrization(layer, "weight", Cayley())
-        x = torch.randn(2, 4)
-        with parametrize.cached():
-            layer(layer(x)).sum().backward()
-        return grads(layer)
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
 
 
 @pytest.mark.parametrize(
@@ -1027,57 +643,6 @@ def test_gradients_of_skew_conv2d_match_torch():
     assert_same(expected, actual)
 
 
-def test_deepcopy_matches_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Symmetric())
-        parametrize.register_parametrization(layer, "bias", Halves())
-        clone = copy.deepcopy(layer)
-        return snapshot(clone, parametrize, torch.randn(2, 4))
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-def test_deepcopy_of_parametrized_lstm_matches_torch():
-    def scenario(parametrize):
-        lstm = nn.LSTM(3, 3)
-        parametrize.register_parametrization(lstm, "weight_hh_l0", Scale(2.0))
-        clone = copy.deepcopy(lstm)
-        return snapshot(clone, parametrize), clone(torch.randn(2, 1, 3))
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-def test_torch_parametrizations_work_on_a_tether_module():
-    def scenario(first):
-        layer = nn.Linear(4, 4)
-        first.register_parametrization(layer, "bias", Scale(2.0))
-        torch.nn.utils.parametrizations.orthogonal(layer, "weight")
-        torch_parametrize.remove_parametrizations(layer, "weight")
-        return snapshot(layer, torch_parametrize, torch.randn(2, 4))
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-def test_meta_initialised_model_loads_with_assign_like_torch():
-    torch.manual_seed(3)
-    checkpoint = _build_many(torch_parametrize).state_dict()
-
-    def scenario(parametrize):
-        with torch.device("meta"):
-            layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Split())
-        parametrize.register_parametrization(layer, "bias", Scale(2.0))
-        layer.load_state_dict(checkpoint, assign=True)
-        return snapshot(layer, parametrize, torch.randn(2, 4))
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
 def test_double_conversion_matches_torch():
     def scenario(parametrize):
         layer = nn.Linear(4, 4)
@@ -1087,97 +652,6 @@ def test_double_conversion_matches_torch():
 
     expected, actual = twin(scenario)
     assert_same(expected, actual)
-
-
-def test_functional_call_matches_torch():
-    def scenario(parametrize):
-        layer = nn.Linear(4, 4)
-        parametrize.register_parametrization(layer, "weight", Split())
-        state = {name: 2 * tensor for name, tensor in layer.state_dict().items()}
-        return torch.func.functional_call(layer, state, (torch.randn(3, 4),))
-
-    expected, actual = twin(scenario)
-    assert_same(expected, actual)
-
-
-# --------------------------------------------------------------------------------------------
-# state_dicts move both ways
-# --------------------------------------------------------------------------------------------
-
-
-def _build_symmetric(parametrize):
-    layer = nn.Linear(4, 4)
-    parametrize.register_parametrization(layer, "weight", Symmetric())
-    parametrize.register_parametrization(layer, "weight", LearnableScale())
-    return layer
-
-
-def _build_many(parametrize):
-    layer = nn.Linear(4, 4)
-    parametrize.register_parametrization(layer, "weight", Split())
-    parametrize.register_parametrization(layer, "bias", Scale(2.0))
-    return layer
-
-
-def _build_buffer(parametrize):
-    norm = nn.BatchNorm1d(4)
-    parametrize.register_parametrization(norm, "running_var", Scale(2.0))
-    parametrize.register_parametrization(norm, "weight", Halves())
-    return norm.eval()
-
-
-def _build_conv(parametrize):
-    conv = nn.Conv2d(2, 2, kernel_size=3)
-    parametrize.register_parametrization(conv, "weight", Skew())
-    parametrize.register_parametrization(conv, "weight", Cayley())
-    return conv
-
-
-BUILDERS = [
-    pytest.param(_build_symmetric, id="symmetric-learnable"),
-    pytest.param(_build_many, id="many-to-one"),
-    pytest.param(_build_buffer, id="buffer"),
-    pytest.param(_build_conv, id="conv-cayley"),
-]
-INPUTS = {
-    _build_symmetric: (3, 4),
-    _build_many: (3, 4),
-    _build_buffer: (3, 4),
-    _build_conv: (1, 2, 5, 5),
-}
-
-
-@pytest.mark.parametrize("build", BUILDERS)
-def test_state_dict_keys_and_tensors_match_torch(build):
-    expected, actual = twin(lambda parametrize: build(parametrize).state_dict())
-    assert_same(expected, actual)
-
-
-@pytest.mark.parametrize(
-    ("source", "target"),
-    [
-        pytest.param(torch_parametrize, tether_parametrize, id="torch-to-tether"),
-        pytest.param(tether_parametrize, torch_parametrize, id="tether-to-torch"),
-    ],
-)
-@pytest.mark.parametrize("build", BUILDERS)
-def test_state_dict_loads_across_implementations(build, source, target):
-    torch.manual_seed(1)
-    saved = build(source)
-    with torch.no_grad():
-        for parameter in saved.parameters():
-            parameter.add_(torch.randn_like(parameter))
-    buffer = io.BytesIO()
-    torch.save(saved.state_dict(), buffer)
-    buffer.seek(0)
-
-    torch.manual_seed(2)
-    loaded = build(target)
-    result = loaded.load_state_dict(torch.load(buffer, weights_only=True), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-
-    x = torch.randn(INPUTS[build])
-    assert_same(snapshot(saved, source, x), snapshot(loaded, target, x))
 
 
 # --------------------------------------------------------------------------------------------

@@ -171,6 +171,48 @@ def test_plain_state_dict_of_a_module_used_twice():
     assert_same_state(tether.plain_state_dict(model), removed_copy(model).state_dict())
 
 
+class WithTable(nn.Module):
+    """A Linear next to a buffer registered with ``persistent=False`` (a lookup table, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(N, N)
+        self.register_buffer("table", torch.randn(N, N), persistent=False)
+
+
+@pytest.mark.parametrize(
+    "parametrize", [tether, torch.nn.utils.parametrize], ids=["tether", "torch"]
+)
+def test_a_parametrized_non_persistent_buffer_gets_a_persistent_original(parametrize):
+    # As in torch: the original is registered as a buffer of the list, persistent.
+    model = WithTable()
+    parametrize.register_parametrization(model, "table", Double())
+    assert list(model.state_dict()) == [
+        "linear.weight",
+        "linear.bias",
+        "parametrizations.table.original",
+    ]
+
+
+def test_plain_state_dict_of_a_parametrized_non_persistent_buffer():
+    model = WithTable()
+    tether.register_parametrization(model, "table", Double())
+    assert_same_state(tether.plain_state_dict(model), removed_copy(model).state_dict())
+
+
+def test_plain_state_dict_holds_the_value_of_a_non_persistent_original():
+    # An original marked non-persistent is not in state_dict; the plain checkpoint holds the
+    # parametrized value all the same, as removing the parametrization would leave it.
+    model = WithTable()
+    tether.register_parametrization(model, "table", Double())
+    plist = model.parametrizations.table
+    plist.register_buffer("original", plist.original, persistent=False)
+    assert "parametrizations.table.original" not in model.state_dict()
+    plain = tether.plain_state_dict(model)
+    assert torch.equal(plain["table"], model.table)
+    assert_same_state(plain, removed_copy(model).state_dict())
+
+
 # --- plain checkpoints into parametrized modules --------------------------------------------
 
 

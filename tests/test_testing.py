@@ -7,37 +7,9 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import Cayley, Skew, Symmetric
 from tether.constraints import Constraint
 from tether.testing import check_parametrization
-
-
-class Symmetric(nn.Module):
-    def forward(self, X):
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, A):
-        return A.triu()
-
-
-class Skew(nn.Module):
-    def forward(self, X):
-        A = X.triu(1)
-        return A - A.mT
-
-    def right_inverse(self, A):
-        return A.triu(1)
-
-
-class Cayley(nn.Module):
-    """(I + A)(I - A)⁻¹ with a correct inverse, A = (Q - I)(Q + I)⁻¹."""
-
-    def forward(self, A):
-        eye = torch.eye(A.shape[-1], dtype=A.dtype)
-        return torch.linalg.solve(eye - A, eye + A, left=False)
-
-    def right_inverse(self, Q):
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype)
-        return torch.linalg.solve(Q + eye, Q - eye, left=False)
 
 
 class CayleyWrongSign(Cayley):

@@ -47,12 +47,12 @@ __all__ = [
     "real_number",
     "registrable_tensor",
     "required_rank",
+    "tensor_label",
     "tensor_to_constrain",
-    "where",
 ]
 
 
-def where(module: nn.Module, tensor_name: str) -> str:
+def tensor_label(module: nn.Module, tensor_name: str) -> str:
     """Name a tensor of a module for a message, e.g. ``"Linear.weight"``."""
     return f"{class_before(module).__name__}.{tensor_name}"
 
@@ -63,7 +63,7 @@ def parameter_assigned(module: nn.Module, tensor_name: str) -> KeyError:
     ``KeyError``, the type PyTorch raises there (Note [Assigning a Parameter to a
     parametrized name]).
     """
-    label = where(module, tensor_name)
+    label = tensor_label(module, tensor_name)
     return KeyError(
         f"Cannot assign an nn.Parameter to {label}: it is parametrized, so it is computed from "
         f"module.parametrizations.{tensor_name} and cannot be replaced by another Parameter "
@@ -405,7 +405,7 @@ def registrable_tensor(module: nn.Module, tensor_name: str, label: str) -> Tenso
     """The parameter or buffer ``tensor_name`` of ``module``, or a ValueError saying why not.
 
     The check every registration makes (once, at the boundary) for a name that is not
-    parametrized yet; ``label`` names the tensor, as :func:`where` does.
+    parametrized yet; ``label`` names the tensor, as :func:`tensor_label` does.
     """
     tensor = module._parameters.get(tensor_name, module._buffers.get(tensor_name))
     if isinstance(tensor, Tensor):
@@ -442,4 +442,4 @@ def tensor_to_constrain(module: nn.Module, tensor_name: str) -> Tensor:
     if tensor_name in chains_of(module):
         value: Tensor = getattr(module, tensor_name)
         return value
-    return registrable_tensor(module, tensor_name, where(module, tensor_name))
+    return registrable_tensor(module, tensor_name, tensor_label(module, tensor_name))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tether import _cache, _loading, _reset, _serving
-from tether._checks import not_scriptable, parameter_assigned, where
+from tether._checks import not_scriptable, parameter_assigned, tensor_label
 from tether._parametrization_list import plists_of
 
 __all__ = ["is_shared_class", "parametrized_class"]
@@ -139,7 +139,7 @@ def _tensor_property(name: str) -> property:
             del self.__dict__[name]
             return
         raise AttributeError(
-            f"Cannot delete {where(self, name)}: it is parametrized. Use "
+            f"Cannot delete {tensor_label(self, name)}: it is parametrized. Use "
             f"tether.remove_parametrizations(module, {name!r}) to remove the parametrization."
         )
 
@@ -221,7 +221,7 @@ def _prepare_scriptable(self: nn.Module) -> nn.Module:
     name = next(iter(plists_of(self)), None)
     if name is None:  # the shared class, after torch's remove_parametrizations emptied it
         return self
-    raise not_scriptable(self, where(self, name))
+    raise not_scriptable(self, tensor_label(self, name))
 
 
 def _rebuild(base: type, names: tuple[str, ...]) -> nn.Module:

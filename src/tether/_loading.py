@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._chains import chains_of, original_names
-from tether._checks import describe, expect_finite, expect_same_shape, where
+from tether._checks import describe, expect_finite, expect_same_shape, tensor_label
 from tether._parametrization_list import ParametrizationList, Plan
 
 __all__ = ["prepare"]
@@ -152,7 +152,7 @@ def _own_problems(module: nn.Module, state_dict: dict[str, Any], prefix: str) ->
     for name, tensor in _own_tensors(module):
         key = prefix + name
         if key in state_dict:
-            what = f"Cannot load {where(module, name)} from {key!r}"
+            what = f"Cannot load {tensor_label(module, name)} from {key!r}"
             problem = _shape_problem(tensor, state_dict[key], what)
             if problem is not None:
                 problems.append(problem)

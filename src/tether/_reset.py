@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tether._chains import class_before
-from tether._checks import where
+from tether._checks import tensor_label
 from tether._parametrization_list import ParametrizationList, plists_of
 from tether._serving import serving
 
@@ -31,7 +31,8 @@ __all__ = ["reset_parameters"]
 def reset_parameters(self: nn.Module) -> None:
     """Re-initialise as the base class does, through each parametrization's ``right_inverse``.
 
-    A tensor the base class's ``reset_parameters`` leaves alone keeps its value.
+    Tensors, and entries of a tensor, that the base class's ``reset_parameters`` leaves alone
+    keep their values.
     """
     plists = plists_of(self)
     base: Any = class_before(self)
@@ -47,11 +48,12 @@ def reset_parameters(self: nn.Module) -> None:
             if not _written(stand_ins[name], versions[name]):
                 continue
             try:
+                _keep_unwritten(plist, stand_ins[name])
                 plist.right_inverse(stand_ins[name])
                 reset_state(plist)
             except (ValueError, RuntimeError) as error:
                 raise type(error)(
-                    f"reset_parameters() of {where(self, name)}: the initialisation of "
+                    f"reset_parameters() of {tensor_label(self, name)}: the initialisation of "
                     f"{base.__name__} could not be set through its parametrizations, so the "
                     f"module was left as it was: {error}\nAssign a value they accept instead "
                     f"(module.{name} = value)."
@@ -106,6 +108,17 @@ def _written(stand_in: Tensor, version: int) -> bool:
     if stand_in.is_floating_point() or stand_in.is_complex():
         return not bool(stand_in.isnan().all())
     return False
+
+
+@torch.no_grad()
+def _keep_unwritten(plist: ParametrizationList, stand_in: Tensor) -> None:
+    """Give the entries the base class left alone (still NaN) their current values, as they
+    keep them on a plain module; the current value is computed only if there are such."""
+    if stand_in.is_meta or not (stand_in.is_floating_point() or stand_in.is_complex()):
+        return
+    holes = stand_in.isnan()
+    if bool(holes.any()):
+        stand_in[holes] = plist()[holes]
 
 
 @torch.no_grad()

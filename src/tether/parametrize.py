@@ -13,9 +13,8 @@ tensor calls each parametrization's ``forward`` directly, so forward hooks (and 
 registered on parametrization modules do not run; error messages are worded differently
 (mostly the same exception types); a parametrization appended to a chain runs its
 ``right_inverse`` on the chain's value before its ``forward`` (so that a base point or
-power-iteration vectors start from that value); assigning an ``nn.Parameter`` to a
-parametrized name raises ``KeyError`` naming the fix; and :func:`chains` gives read-only access
-to a module's chains. ``docs/migration.md`` lists every difference.
+power-iteration vectors start from that value); and :func:`chains` gives read-only access to a
+module's chains. ``docs/migration.md`` lists every difference.
 
 Example:
     >>> import torch
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 
 from tether._cache import cached
 from tether._chains import class_before, original_names
-from tether._checks import call_labelled, describe, registrable_tensor, where
+from tether._checks import call_labelled, describe, registrable_tensor, tensor_label
 from tether._classes import is_shared_class, parametrized_class
 from tether._parametrization_list import ParametrizationList, plists_of
 from tether._writes import register, restore_state, save_state, set_in_place
@@ -201,7 +200,7 @@ def register_parametrization(
             f"register_parametrization() needs the tensor's name as a str; got "
             f"{describe(tensor_name)}. Example: register_parametrization(layer, 'weight', f)."
         )
-    label = where(module, tensor_name)
+    label = tensor_label(module, tensor_name)
     parametrization = _as_module(parametrization, label)
     parametrization.train(module.training)
     if is_parametrized(module, tensor_name):
@@ -352,7 +351,7 @@ def remove_parametrizations(module: M, tensor_name: str, leave_parametrized: boo
         >>> type(layer).__name__, layer.weight is weight, torch.equal(weight, weight.tril())
         ('Linear', True, True)
     """
-    label = where(module, tensor_name)
+    label = tensor_label(module, tensor_name)
     plists = plists_of(module)
     if tensor_name not in plists:
         known = ", ".join(repr(n) for n in plists) or "none"
@@ -428,7 +427,7 @@ def transfer_parametrizations_and_params(
         return to_module
     if tensor_name is not None and tensor_name not in plists:
         raise ValueError(
-            f"Cannot transfer {where(from_module, tensor_name)}: it is not parametrized. "
+            f"Cannot transfer {tensor_label(from_module, tensor_name)}: it is not parametrized. "
             f"Parametrized tensors: {', '.join(repr(n) for n in plists)}."
         )
     for name in plists if tensor_name is None else [tensor_name]:

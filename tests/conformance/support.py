@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from tests.conformance import table
 from tests.conformance.table import SHAPES, Case
 from tether.constraints import Constraint, WeightNorm
 from tether.functional import weight_normalize
@@ -46,9 +47,11 @@ def build_plain(case: Case, seed: int = SEED) -> nn.Sequential:
 
 
 def inputs(case: Case, seed: int = 1) -> Tensor:
-    """A batch of inputs for the case's layer, in its dtype."""
+    """A batch of inputs for the case's layer, in its dtype, on the device of ``--device``
+    (drawn on the CPU, so that every device gets the same values)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(SHAPES[case.shape].input, generator=generator, dtype=case.dtype)
+    x = torch.randn(SHAPES[case.shape].input, generator=generator, dtype=case.dtype)
+    return x if table.DEVICE is None else x.to(table.DEVICE)
 
 
 def loss(output: Tensor) -> Tensor:

@@ -33,20 +33,31 @@ Register = Callable[[nn.Module, str], object]
 
 # --- shapes and dtypes ------------------------------------------------------------------------
 
+# The device :meth:`Shape.make` builds layers on: pytest's ``--device`` option, which
+# ``conftest.py`` of this directory sets here. ``None`` (no option) leaves it to torch: the CPU.
+DEVICE: torch.device | None = None
+
 
 @dataclass(frozen=True)
 class Shape:
     """A class of tensor shapes, as the weight of a small layer.
 
     Attributes:
-        make: builds the layer; takes ``dtype=``.
+        factory: builds the layer; takes ``dtype=`` and ``device=``.
         input: the shape of an input batch for the layer.
         matrix: the weight is a matrix or a batch of matrices.
     """
 
-    make: Callable[..., nn.Module]
+    factory: Callable[..., nn.Module]
     input: tuple[int, ...]
     matrix: bool = True
+
+    def make(self, **kwargs: Any) -> nn.Module:
+        """The layer (``kwargs`` go to the factory), on :data:`DEVICE` unless the caller builds
+        on a device of its own (``with torch.device("meta")``)."""
+        if DEVICE is not None and torch.get_default_device().type == "cpu":
+            kwargs.setdefault("device", DEVICE)
+        return self.factory(**kwargs)
 
 
 SHAPES: Mapping[str, Shape] = MappingProxyType(
@@ -430,7 +441,8 @@ def cases(
             dtypes,
             first_shape,
             lambda row: (
-                (where is None or where(row)) and not any(f in row.refuses for f in supporting)
+                (where is None or where(row))
+                and not any(f in row.refuses for f in supporting)
             ),
         )
     ]

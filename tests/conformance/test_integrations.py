@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 import tether
+from tests.conformance import table
 from tests.conformance.support import (
     assert_close,
     assert_member,
@@ -47,7 +48,7 @@ def initialise(model: nn.Module) -> None:
 def built_on_meta_and_initialised(case: Case) -> nn.Module:
     with torch.device("meta"):
         model = build(case)
-    model.to_empty(device="cpu")
+    model.to_empty(device=table.DEVICE or "cpu")  # the device of --device
     with torch.no_grad():
         for tensor in model.state_dict().values():
             tensor.fill_(float("nan"))  # what uninitialised memory may hold

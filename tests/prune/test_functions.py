@@ -15,6 +15,7 @@ from torch import nn
 
 import tether
 from tests.copies import ROUNDTRIPS
+from tests.parametrizations import Double
 from tether import prune
 from tether.prune._base import merge
 
@@ -480,14 +481,6 @@ class Orthogonal(nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         A = X.triu(1)
         return torch.matrix_exp(A - A.mT)
-
-
-class Double(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
 
 
 def test_pruning_an_orthogonal_weight_masks_the_orthogonal_matrix():

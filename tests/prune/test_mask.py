@@ -7,17 +7,10 @@ import torch
 from torch import nn
 
 import tether
+from tests.parametrizations import Double
 from tether.prune import PruningMask
 from tether.prune._mask import find_mask, value_through
 from tether.testing import check_parametrization
-
-
-class Double(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
 
 
 def random_mask(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -11,15 +11,8 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 import tether
+from tests.parametrizations import Double
 from tether import prune
-
-
-class Double(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return 2 * X
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X / 2
 
 
 @pytest.mark.parametrize("name", ["weight", "bias"])

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor, nn
 
-from tether._checks import bad_dtype, where
+from tether._checks import bad_dtype, tensor_label
 from tether.functional._precision import (
     autocast_enabled,
     compute_dtype,
@@ -411,7 +411,7 @@ def register_constraint(module: M, name: str, constraint: Constraint) -> M:
     """
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
-        constraint.check_dtype(tensor.dtype, where(module, name))
-        constraint.check_shape(tensor.shape, where(module, name))
-        constraint._record_target(tensor, where(module, name))
+        constraint.check_dtype(tensor.dtype, tensor_label(module, name))
+        constraint.check_shape(tensor.shape, tensor_label(module, name))
+        constraint._record_target(tensor, tensor_label(module, name))
     return register_parametrization(module, name, constraint)

@@ -18,8 +18,8 @@ from tether._checks import (
     bad_value,
     check_dim,
     describe,
+    tensor_label,
     tensor_to_constrain,
-    where,
 )
 from tether.constraints._base import Constraint, Draw, register_constraint
 from tether.constraints._conv_operator import (
@@ -499,7 +499,7 @@ def spectral_norm(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"spectral_norm() needs an nn.Module; got {describe(module)}.")
-    label = where(module, name)
+    label = tensor_label(module, name)
     caller = f"spectral_norm() on {label}"  # how error messages start
     weight = tensor_to_constrain(module, name)
     if not isinstance(conv_operator, bool):

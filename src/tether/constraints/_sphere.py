@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from tether._checks import check_slices, dims, positive_number, where
+from tether._checks import check_slices, dims, positive_number, tensor_label
 from tether.constraints._base import Constraint, Draw, default_atol, register_constraint
 from tether.functional._elementwise import Dim, poincare_exp, poincare_log, project_sphere
 
@@ -193,7 +193,7 @@ def sphere(module: M, name: str = "weight", radius: float = 1.0, *, dim: Dim = N
     constraint = Sphere(radius, dim=dim)
     tensor = getattr(module, name, None)
     if isinstance(tensor, Tensor):
-        label = where(module, name)
+        label = tensor_label(module, name)
         constraint.check_dtype(tensor.dtype, label)
         constraint.check_shape(tensor.shape, label)
         constraint._check_projectable(tensor, label)

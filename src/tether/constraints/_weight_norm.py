@@ -7,7 +7,7 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
-from tether._checks import bad_dtype, bad_shape, bad_type, check_dim, where
+from tether._checks import bad_dtype, bad_shape, bad_type, check_dim, tensor_label
 from tether.constraints._legacy_checkpoints import add_load_hook, load_weight_norm
 from tether.functional import norm_except_dim, weight_normalize
 from tether.parametrize import register_parametrization
@@ -102,7 +102,7 @@ def weight_norm(module: M, name: str = "weight", dim: int | None = 0) -> M:
     # A name that holds no tensor is left to register_parametrization, whose error (the same
     # for every registering function) lists the tensors that can be parametrized.
     if isinstance(weight, Tensor):
-        label = where(module, name)
+        label = tensor_label(module, name)
         if not (weight.is_floating_point() or weight.is_complex()):
             raise bad_dtype("WeightNorm", weight.dtype, label)
         if weight.ndim == 0:

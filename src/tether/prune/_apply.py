@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from tether._checks import describe, expect_same_shape, where
+from tether._checks import describe, expect_same_shape, tensor_label
 from tether._parametrization_list import plists_of
 from tether.parametrize import register_parametrization
 from tether.prune._checkpoint import ensure_torch_keys_hook
@@ -47,7 +47,7 @@ def errors_prefixed(what: str) -> Iterator[None]:
 def call_label(function: str, module: object, name: object) -> str:
     """How errors name the call and the tensor, e.g. ``"l1_unstructured() on Linear.weight"``."""
     if isinstance(module, nn.Module) and isinstance(name, str):
-        return f"{function}() on {where(module, name)}"
+        return f"{function}() on {tensor_label(module, name)}"
     return f"{function}()"
 
 
@@ -61,8 +61,8 @@ def _tensor(module: nn.Module, name: str) -> Tensor:
         tensors += [n for n in plists_of(module) if n not in tensors]
         known = ", ".join(repr(n) for n in tensors) or "none"
         raise AttributeError(
-            f"Cannot prune {where(module, name)}: {type(module).__name__} has no tensor named "
-            f"{name!r}. Its tensors: {known}."
+            f"Cannot prune {tensor_label(module, name)}: {type(module).__name__} has no tensor "
+            f"named {name!r}. Its tensors: {known}."
         ) from None
     if not isinstance(value, Tensor):
         raise TypeError(
@@ -108,7 +108,7 @@ def check_not_meta(scores: Tensor, module: nn.Module, name: str, method: object)
     if scores.is_meta:
         # NotImplementedError, as torch's own kernels raise for data-dependent ops on meta.
         raise NotImplementedError(
-            f"Cannot prune {where(module, name)} with {type(method).__name__} on the meta "
+            f"Cannot prune {tensor_label(module, name)} with {type(method).__name__} on the meta "
             "device: a tensor there holds no values, so no mask can be computed. Prune after "
             "giving the module real memory (module.to_empty(device=...), then "
             "reset_parameters())."

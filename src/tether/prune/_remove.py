@@ -7,7 +7,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from tether._checks import describe, where
+from tether._checks import describe, tensor_label
 from tether._parametrization_list import plists_of
 from tether.parametrize import remove_parametrizations
 from tether.prune._checkpoint import drop_torch_keys_hook
@@ -56,7 +56,7 @@ def remove(module: M, name: str) -> M:
             f"remove() needs a module and a tensor name; got {describe(module)} and "
             f"{describe(name)}. Example: tether.prune.remove(layer, 'weight')."
         )
-    label = where(module, name)
+    label = tensor_label(module, name)
     found = find_mask(module, name)
     if found is None:
         pruned = [n for n in plists_of(module) if find_mask(module, n) is not None]

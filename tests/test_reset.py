@@ -1,6 +1,6 @@
-"""Deferred initialisation: models with constraints built on the meta device, moved with
-``to_empty`` and initialised by ``reset_parameters()``, which re-initialises a parametrized
-module as its base class would, through ``right_inverse``."""
+"""``reset_parameters()`` of a parametrized module (``tether._reset``): it re-initialises the
+module as its base class would, through ``right_inverse``, so that models with constraints
+built on the meta device and moved with ``to_empty`` can be initialised."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.utils.parametrizations as torch_parametrizations
 from torch import nn
 
 import tether
+from tests.parametrizations import Double, Symmetric
 from tether.constraints import Constraint
 
 Register = Callable[[nn.Linear], nn.Module]
@@ -89,14 +90,6 @@ def test_torch_orthogonal_fails_on_meta_and_its_reset_leaves_the_original():
     # torch's reset writes into a computed weight and throws it away.
     assert torch.equal(theirs.parametrizations.weight.original, torch.zeros(4, 4))
     assert ours.parametrizations.weight.original.abs().sum() > 0
-
-
-class Symmetric(nn.Module):
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu() + X.triu(1).mT
-
-    def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
-        return X.triu()
 
 
 REGISTER: dict[str, Register] = {
@@ -201,3 +194,50 @@ def test_only_modules_whose_base_has_reset_parameters_get_one():
             self.weight = nn.Parameter(torch.eye(3))
 
     assert not hasattr(tether.orthogonal(NoReset()), "reset_parameters")
+
+
+class FirstColumn(nn.Linear):
+    """A Linear whose initialisation writes only the first column of its weight (in place, or
+    through ``.data``, which does not count as a write for autograd's version counter)."""
+
+    def __init__(self, n: int, through_data: bool) -> None:
+        super().__init__(n, n)  # Linear's own initialisation, of every entry
+        self.through_data = through_data
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, "through_data"):  # called by Linear.__init__
+            return super().reset_parameters()
+        weight = self.weight.data if self.through_data else self.weight
+        with torch.no_grad():
+            weight[:, 0] = 0.5
+        return None
+
+
+PARTIAL_WRITES = [pytest.param(False, id="in-place"), pytest.param(True, id="data")]
+
+
+@pytest.mark.parametrize("through_data", PARTIAL_WRITES)
+def test_reset_that_writes_part_of_a_weight_is_not_dropped(through_data):
+    # Either the written column shows in the weight, or the reset says why it could not be
+    # set; what must not happen is a reset that silently keeps the old weight.
+    layer = tether.register_parametrization(FirstColumn(4, through_data), "weight", Double())
+    assert not bool((layer.weight[:, 0] == 0.5).any())
+    try:
+        layer.reset_parameters()
+    except ValueError as error:
+        assert "reset_parameters() of FirstColumn.weight" in str(error)
+    else:
+        assert torch.equal(layer.weight[:, 0], torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize("through_data", PARTIAL_WRITES)
+def test_reset_that_writes_part_of_a_weight_keeps_the_other_entries(through_data):
+    # "As its base class would" (docs/transforms.md): on a plain FirstColumn the other
+    # entries keep their values; Double takes every value, so nothing needs projecting.
+    layer = tether.register_parametrization(FirstColumn(4, through_data), "weight", Double())
+    plain = FirstColumn(4, through_data)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+    plain.reset_parameters()
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, plain.weight)
