@@ -1,24 +1,32 @@
-"""Tall orthogonal weights: registration, forward and backward of an ``n x 64`` weight.
+"""Tall weights: registration, forward and backward of an ``n x 64`` weight, every tall helper.
 
 ``tether.orthogonal`` and ``torch.nn.utils.parametrizations.orthogonal`` (default map,
 ``use_trivialization=True``) on the weight of ``Linear(64, n)``, float32: one step registers
 the constraint on a fresh layer, reads the weight and runs a backward pass through it. For
 ``n > 128`` tether's weight is thin (Note [Thin orthogonal weights]) and costs ``O(n k²)``;
 PyTorch's completes the base to ``n x n`` and costs ``O(n³)``, so it runs only up to
-``n = 4000`` (at 32000 it would not finish in minutes). The time is the median of the
-interleaved rounds of ``_timing.measure``, on one thread (as ``benchmarks/scale.py`` runs
-it); the peak is the most memory the step holds at
-once, from ``torch.profiler``'s allocation events. The machine is shared: read the ratios
-(against ``n = 4000``, and against PyTorch), not the absolute times.
+``n = 4000`` (at 32000 it would not finish in minutes). The same step runs for
+``tether.grassmannian``, ``tether.low_rank`` and ``tether.fixed_rank`` (rank 32) on the same
+weight, and for ``tether.psd_low_rank`` (rank 64) on an ``n x n`` weight of rank 64, whose
+step costs ``O(n² k)`` (the weight alone has ``n²`` entries), for ``n`` up to 4000; next to
+it, the same step through the dense ``eigh`` the PSD right inverse used before (Note
+[Eigenpairs of a symmetric matrix of low rank]), up to ``n = 2000``. The time is the median
+of the interleaved rounds of ``_timing.measure``, on one thread (as ``benchmarks/scale.py``
+runs it); the peak is the most memory the step holds at once, from ``torch.profiler``'s
+allocation events. The machine is shared: read the ratios (against ``n = 4000``, and against
+PyTorch), not the absolute times.
 
-    python benchmarks/tall.py            # n = 1000, 4000, 16000, 32000
-    python benchmarks/tall.py --quick    # n = 1000, 4000
+    python benchmarks/tall.py            # n = 1000, 4000, 16000, 32000 (PSD: 500 to 4000)
+    python benchmarks/tall.py --quick    # n = 1000, 4000 (PSD: 500, 1000)
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from unittest import mock
 
 import torch
 from _timing import header, measure, median, ms, paired_ratio, ratio, target
@@ -28,6 +36,8 @@ from torch.nn.utils import parametrizations
 from torch.profiler import ProfilerActivity, profile
 
 import tether
+from tether.constraints import _positive_definite
+from tether.functional import _symmetric
 
 K = 64
 SIZES = (1000, 4000, 16000, 32000)
@@ -37,6 +47,20 @@ TORCH_MAX_ROWS = 4000
 # Issue 15: 32000 x 64 at most 12 times the time of 4000 x 64 (linear in n would be 8).
 REFERENCE_ROWS, LARGEST_ROWS, GOAL = 4000, 32000, 12.0
 
+# The other tall helpers, on the same n x K weight.
+RANK = K // 2
+HELPERS: dict[str, Callable[[nn.Module], nn.Module]] = {
+    "grassmannian": tether.grassmannian,
+    "low_rank": lambda m: tether.low_rank(m, rank=RANK),
+    "fixed_rank": lambda m: tether.fixed_rank(m, rank=RANK),
+}
+# psd_low_rank(rank=K) on an n x n weight of rank K: O(n² K).
+PSD_SIZES = (500, 1000, 2000, 4000)
+PSD_QUICK_SIZES = (500, 1000)
+PSD_REFERENCE_ROWS = 1000
+# The dense eigh of the PSD right inverse before: O(n³), a minute at 4000 on one thread.
+DENSE_MAX_ROWS = 2000
+
 Row = dict[str, object]
 
 
@@ -45,6 +69,44 @@ def _step(library: str, n: int) -> Callable[[], None]:
 
     def step() -> None:
         layer = register(nn.Linear(K, n, bias=False))
+        layer.weight.sum().backward()
+
+    return step
+
+
+def _helper_step(helper: str, n: int) -> Callable[[], None]:
+    register = HELPERS[helper]
+
+    def step() -> None:
+        layer = register(nn.Linear(K, n, bias=False))
+        layer.weight.sum().backward()
+
+    return step
+
+
+@contextmanager
+def _dense_eigh() -> Iterator[None]:
+    """The PSD constraints as before Note [Eigenpairs of a symmetric matrix of low rank]."""
+    with (
+        mock.patch.object(_symmetric, "low_rank_eigh", lambda S, rank: None),
+        mock.patch.object(_positive_definite, "low_rank_eigh", lambda S, rank: None),
+    ):
+        yield
+
+
+def _psd_step(n: int, dense: bool) -> Callable[[], None]:
+    generator = torch.Generator().manual_seed(n)
+    B = torch.randn(n, K, generator=generator) / math.sqrt(n)
+    member = B @ B.T
+
+    def step() -> None:
+        layer = nn.Module()
+        layer.weight = nn.Parameter(member.clone())
+        if dense:
+            with _dense_eigh():
+                tether.psd_low_rank(layer, rank=K)
+        else:
+            tether.psd_low_rank(layer, rank=K)
         layer.weight.sum().backward()
 
     return step
@@ -77,12 +139,18 @@ def rows(quick: bool) -> list[Row]:
     """
     min_run_time, rounds = (1.0, 3) if quick else (4.0, 5)
     sizes = QUICK_SIZES if quick else SIZES
+    psd_sizes = PSD_QUICK_SIZES if quick else PSD_SIZES
     steps = {
         (library, n): _step(library, n)
         for n in sizes
         for library in ("tether", "torch")
         if library == "tether" or n <= TORCH_MAX_ROWS
     }
+    steps.update({(helper, n): _helper_step(helper, n) for helper in HELPERS for n in sizes})
+    steps.update({("psd_low_rank", n): _psd_step(n, dense=False) for n in psd_sizes})
+    steps.update(
+        {("psd_dense", n): _psd_step(n, dense=True) for n in psd_sizes if n <= DENSE_MAX_ROWS}
+    )
     for step in steps.values():
         step()  # warm up
     names = {key: f"{key[0]} {key[1]}" for key in steps}
@@ -95,6 +163,7 @@ def rows(quick: bool) -> list[Row]:
         torch_step = steps.get(("torch", n))
         result.append(
             {
+                "helper": "orthogonal",
                 "n": n,
                 "k": K,
                 "tether_seconds": median(ours),
@@ -105,6 +174,26 @@ def rows(quick: bool) -> list[Row]:
                 "torch_peak_mib": None if torch_step is None else _peak_mib(torch_step),
             }
         )
+    for helper, helper_sizes, reference_rows in (
+        *((helper, sizes, REFERENCE_ROWS) for helper in HELPERS),
+        ("psd_low_rank", psd_sizes, PSD_REFERENCE_ROWS),
+    ):
+        reference = times.get(names.get((helper, reference_rows), ""))
+        for n in helper_sizes:
+            ours = times[names[(helper, n)]]
+            dense = times.get(names.get(("psd_dense", n), "")) if helper == "psd_low_rank" else None
+            result.append(
+                {
+                    "helper": helper,
+                    "n": n,
+                    "k": K,
+                    "seconds": median(ours),
+                    "peak_mib": _peak_mib(steps[(helper, n)]),
+                    "growth": None if reference is None else paired_ratio(ours, reference),
+                    "reference_rows": reference_rows,
+                    "dense_over_ours": None if dense is None else paired_ratio(dense, ours),
+                }
+            )
     return result
 
 
@@ -113,7 +202,50 @@ def _number(value: object, format: Callable[[float], str]) -> str:
 
 
 def table(result: list[Row]) -> str:
-    """The markdown table of :func:`rows`, and the target on the growth from 4000 to 32000."""
+    """The markdown tables of :func:`rows`, and the targets on the growth from 4000 to 32000."""
+    orthogonal = [row for row in result if row["helper"] == "orthogonal"]
+    others = [row for row in result if row["helper"] != "orthogonal"]
+    return f"{_orthogonal_table(orthogonal)}\n\n{_helpers_table(others)}"
+
+
+def _helpers_table(result: list[Row]) -> str:
+    lines = [
+        [
+            str(row["helper"]),
+            f"{row['n']} x {row['n'] if row['helper'] == 'psd_low_rank' else row['k']}",
+            _number(row["seconds"], ms),
+            _number(row["peak_mib"], lambda mib: f"{mib:.1f}"),
+            _number(row["growth"], ratio) + f" (n = {row['reference_rows']})",
+            _number(row["dense_over_ours"], ratio),
+        ]
+        for row in result
+    ]
+    columns = [
+        "helper",
+        "weight",
+        "time (ms)",
+        "peak (MiB)",
+        "time / time at n",
+        "dense eigh / ours",
+    ]
+    targets = []
+    for row in result:
+        growth = row["growth"]
+        if row["n"] == LARGEST_ROWS and isinstance(growth, float):
+            goal = f"<= {GOAL:g}x (linear: {LARGEST_ROWS // REFERENCE_ROWS}x)"
+            label = f"{row['helper']}, {LARGEST_ROWS} x {K} over {REFERENCE_ROWS} x {K}"
+            targets.append(target(label, growth, goal, growth <= GOAL))
+    note = (
+        f"psd_low_rank(rank={K}) has an n x n weight: its step is O(n² k), so its time grows "
+        f"16x from n = {PSD_REFERENCE_ROWS} to 4000; the last column is the same step through "
+        f"the dense eigh of before (O(n³)), up to n = {DENSE_MAX_ROWS}."
+    )
+    return "\n\n".join(
+        [markdown_table(columns, lines), *(["\n".join(targets)] if targets else []), note]
+    )
+
+
+def _orthogonal_table(result: list[Row]) -> str:
     lines = [
         [
             f"{row['n']} x {row['k']}",

@@ -24,6 +24,7 @@ from tether.functional import (
     symmetric_part,
 )
 from tether.functional._precision import precision_eps, stored_as, upcast
+from tether.functional._symmetric import low_rank_eigh
 
 __all__ = [
     "PSDFixedRank",
@@ -103,13 +104,20 @@ def _psd_distance(X: Tensor, rank: int | None = None) -> Tensor:
     clamped at zero (Eckart-Young for the symmetric part, Higham 1988 for the sign), so the
     squared distance is that of the skew part plus that of the dropped eigenvalues.
     """
-    L = torch.linalg.eigvalsh(symmetric_part(X))
+    S = symmetric_part(X)
+    pairs = None if rank is None else low_rank_eigh(S, rank)
+    # Of rank 2r to rounding, the r largest of the 2r nonzero eigenvalues and the residual
+    # (an upper bound within rounding): Note [Eigenpairs of a symmetric matrix of low rank].
+    L = torch.linalg.eigvalsh(S) if pairs is None else pairs.values
     kept = L.clamp(min=0)
     if rank is not None:
         # eigvalsh sorts the eigenvalues in ascending order: the largest are the last ones.
         kept = torch.cat([torch.zeros_like(L[..., :-rank]), kept[..., -rank:]], dim=-1)
     skew = torch.linalg.matrix_norm(skew_part(X))
-    return worst(torch.sqrt(skew**2 + torch.linalg.vector_norm(L - kept, dim=-1) ** 2))
+    squared = skew**2 + torch.linalg.vector_norm(L - kept, dim=-1) ** 2
+    if pairs is not None:
+        squared = squared + pairs.residual**2
+    return worst(torch.sqrt(squared))
 
 
 def _has_positive_eigenvalues(X: Tensor, count: int) -> bool:
@@ -119,7 +127,11 @@ def _has_positive_eigenvalues(X: Tensor, count: int) -> bool:
     that rounding errors in a singular matrix do not count as positive eigenvalues.
     """
     # In the compute dtype, with the threshold of the stored one: Note [Low-precision tensors].
-    L = torch.linalg.eigvalsh(symmetric_part(upcast(X)))
+    S = symmetric_part(upcast(X))
+    # A matrix of rank 2 count (to rounding) has no other eigenvalue above rounding: Note
+    # [Eigenpairs of a symmetric matrix of low rank].
+    pairs = low_rank_eigh(S, count)
+    L = torch.linalg.eigvalsh(S) if pairs is None else pairs.values
     tolerance = X.shape[-1] * torch.finfo(X.dtype).eps * L.abs().amax(dim=-1)
     return bool((L[..., -count] > tolerance).all())
 

@@ -7,6 +7,7 @@ Every map works on real and complex tensors: for complex ones read Hermitian for
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -183,14 +184,18 @@ def gram_factor(A: Tensor, rank: int | None = None) -> Tensor:
     part of ``A`` with its negative eigenvalues, and all but the ``r`` largest, set to zero.
 
     Not differentiable where an eigenvalue is zero (the square root is not); meant for
-    setting weights, under ``torch.no_grad()``.
+    setting weights, under ``torch.no_grad()``. ``O(n² r)`` for an ``A`` of rank at most
+    ``2r`` (to rounding), ``O(n³)`` otherwise: Note [Eigenpairs of a symmetric matrix of low
+    rank].
 
     Args:
         A: shape ``(*, n, n)``.
         rank: the number of columns of the factor, ``1 <= rank <= n``, or ``None`` for ``n``
             and the symmetric square root.
     """
-    L, Q = torch.linalg.eigh(symmetric_part(A))
+    S = symmetric_part(A)
+    pairs = None if rank is None else low_rank_eigh(S, rank)
+    L, Q = torch.linalg.eigh(S) if pairs is None else (pairs.values, pairs.vectors)
     if rank is None:
         return rebuild(Q, _nonnegative_sqrt(L))
     # eigh sorts the eigenvalues in ascending order: the largest are the last ones.
@@ -231,9 +236,11 @@ def fixed_rank_psd_factors(A: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         rank: ``r``, with ``1 <= r <= n``.
 
     Returns:
-        ``Q`` of shape ``(*, n, r)`` and ``s`` of shape ``(*, r)``.
+        ``Q`` of shape ``(*, n, r)`` and ``s`` of shape ``(*, r)``. ``O(n² r)`` for an ``A``
+        of rank at most ``2r`` (to rounding), ``O(n³)`` otherwise: Note [Eigenpairs of a
+        symmetric matrix of low rank].
     """
-    L, Q = _eigh_above_floor(A)
+    L, Q = _eigh_above_floor(A, rank)
     # eigh sorts the eigenvalues in ascending order: the largest are the last ones.
     return Q[..., -rank:], softplus_inverse(L[..., -rank:])
 
@@ -259,7 +266,83 @@ def _eigenvalue_floor(L: Tensor) -> Tensor:
     return atol * torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _eigh_above_floor(A: Tensor) -> tuple[Tensor, Tensor]:
-    """``eigh`` of the symmetric part of ``A``, eigenvalues raised to the floor."""
-    L, Q = torch.linalg.eigh(symmetric_part(A))
+def _eigh_above_floor(A: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part of ``A``, eigenvalues raised to the floor.
+
+    With ``rank``, only the largest ``rank`` are asked for, and a matrix of rank at most
+    ``2 rank`` gets those of :func:`low_rank_eigh` (its other eigenvalues are zero to
+    rounding, and the floor's ``max|λ|`` is among them).
+    """
+    S = symmetric_part(A)
+    pairs = None if rank is None else low_rank_eigh(S, rank)
+    L, Q = torch.linalg.eigh(S) if pairs is None else (pairs.values, pairs.vectors)
     return torch.maximum(L, _eigenvalue_floor(L)), Q
+
+
+# Note [Eigenpairs of a symmetric matrix of low rank]
+#     The PSD constraints of rank r read the r largest eigenpairs of an n x n symmetric S (to
+#     assign a weight, for the distance and the rank test). A dense eigh costs O(n³). When S
+#     has rank at most m = 2r, as a member has (up to its rounding), O(n² m) suffice: for a
+#     Gaussian n x m matrix Ω, range(S Ω) = range(S) almost surely, so with Q an orthonormal
+#     basis of it (a thin QR) S = Q T Qᴴ, T = Qᴴ S Q, and the m eigenpairs (θ, V) of T give
+#     S's nonzero ones, (θ, Q V); the other n - m eigenvalues are zero (Rayleigh-Ritz on an
+#     invariant subspace). That S is such a matrix is checked, not assumed: the residual
+#     E = S - Q T Qᴴ is formed (n x n, the size of S), and only if
+#         ‖E‖_F <= 8 √n eps ‖S‖_F     (eps of the stored dtype: Note [Low-precision tensors])
+#     for every matrix of the batch, rounding, are the m pairs used; else the dense eigh runs.
+#     As Qᴴ E Q = 0, ‖S - P‖_F² = ‖T - Qᴴ P Q‖_F² + ‖E‖_F² for any P on range(Q), so the
+#     distance to the set computed from θ, with ‖E‖ added, bounds the true one from above
+#     and differs from it by at most ‖E‖_F (Weyl). Ω comes from a generator of its own with a
+#     fixed seed: the global random stream is left alone and results repeat. The nearest
+#     member of a matrix of higher rank needs its r largest eigenpairs to full accuracy, for
+#     which no O(n² r) method is exact: that stays a dense eigh, O(n³).
+#
+#     Reference: Finding Structure with Randomness: Probabilistic Algorithms for Constructing
+#     Approximate Matrix Decompositions. Nathan Halko, Per-Gunnar Martinsson, Joel A. Tropp,
+#     2011. https://doi.org/10.1137/090771806
+
+_SUBSPACE_SEED = 15
+
+
+class LowRankEigh(NamedTuple):
+    """What :func:`low_rank_eigh` returns: ``S ≈ vectors diag(values) vectorsᴴ``."""
+
+    values: Tensor  # (*, m), ascending
+    vectors: Tensor  # (*, n, m), orthonormal columns
+    residual: Tensor  # (*,), ‖S - vectors diag(values) vectorsᴴ‖_F
+
+
+def low_rank_eigh(S: Tensor, rank: int) -> LowRankEigh | None:
+    """The ``m = 2 rank`` eigenpairs of a symmetric ``S`` of rank at most ``m``, in ``O(n² m)``.
+
+    ``None`` where that does not pay (``4 rank > n``), on the meta device, or where ``S`` is
+    not of rank ``m`` to rounding: see Note [Eigenpairs of a symmetric matrix of low rank].
+
+    Args:
+        S: symmetric (Hermitian), shape ``(*, n, n)``.
+        rank: the number of eigenpairs the caller needs, ``r``; ``2r`` are returned.
+
+    Example:
+        >>> import torch
+        >>> B = torch.randn(100, 3, dtype=torch.float64)
+        >>> pairs = low_rank_eigh(B @ B.T, 3)
+        >>> torch.allclose(pairs.values[-3:], torch.linalg.eigvalsh(B @ B.T)[-3:])
+        True
+    """
+    n, m = S.shape[-1], 2 * rank
+    if S.is_meta or 2 * m > n or S.numel() == 0:
+        return None
+    generator = torch.Generator(device=S.device).manual_seed(_SUBSPACE_SEED)
+    real = S.real.dtype if S.is_complex() else S.dtype
+    omega = torch.randn(n, m, dtype=real, device=S.device, generator=generator).to(S.dtype)
+    Q = torch.linalg.qr(S @ omega).Q
+    T = Q.mH @ (S @ Q)
+    values, V = torch.linalg.eigh((T + T.mH) / 2)
+    vectors = Q @ V
+    residual = torch.linalg.matrix_norm(
+        S - (vectors * values.unsqueeze(-2).to(S.dtype)) @ vectors.mH
+    )
+    bound = 8 * math.sqrt(n) * precision_eps(S) * torch.linalg.matrix_norm(S)
+    if not bool((residual <= bound).all()):
+        return None
+    return LowRankEigh(values, vectors, residual)
