@@ -11,7 +11,8 @@ Three tables, every candidate timed side by side in this process (``_timing.meas
    tether's maps with Adam, PyTorch's Cayley map with Adam, and POGO (``pogo-torch``, an
    optimizer that keeps a plain weight near the orthogonal matrices, with its VectorAdam).
 3. Convolution kernels, ``Conv2d(256, 256, 3)`` (65,536 matrices of 3 x 3) and of 2 x 2:
-   forward + backward of the kernel with the Cayley and the Householder maps, layer and map.
+   forward + backward of the kernel with the Cayley and the Householder maps, layer and map;
+   ``SO(n)`` rows register ``tether.special_orthogonal`` against PyTorch's ``orthogonal``.
 
 Errors are ``max |WᵀW - I|`` (for training, after the timed steps). Never a pass/fail gate.
 
@@ -190,11 +191,13 @@ def conv_rows(quick: bool) -> list[Row]:
         X = torch.randn(shape, generator=generator) / math.sqrt(k)
         L = X.tril()
         A = L - L.mT
-        for orthogonal_map in ("cayley", "householder"):
+        for label in ("cayley", "cayley, SO(n)", "householder"):
+            orthogonal_map = label.split(",")[0]
+            ours = tether.special_orthogonal if "SO" in label else tether.orthogonal
             layers = {}
             for lib in ("torch", "tether"):
                 conv = nn.Conv2d(256, 256, k, bias=False)
-                register = tether.orthogonal if lib == "tether" else parametrizations.orthogonal
+                register = ours if lib == "tether" else parametrizations.orthogonal
                 layers[lib] = register(conv, orthogonal_map=orthogonal_map)
             if orthogonal_map == "cayley":
                 maps = {"torch_map": _torch_cayley, "tether_map": cayley}
@@ -205,7 +208,7 @@ def conv_rows(quick: bool) -> list[Row]:
             candidates = {lib: _weight_step(layer, cotangent) for lib, layer in layers.items()}
             candidates |= {name: _map_step(f, argument, cotangent) for name, f in maps.items()}
             times = measure(candidates, 0.5 if quick else 3.0, rounds=3)
-            row: Row = {"section": "conv", "kernel": f"{k} x {k}", "map": orthogonal_map}
+            row: Row = {"section": "conv", "kernel": f"{k} x {k}", "map": label}
             for name, blocks in times.items():
                 row[f"{name}_ms"] = median(blocks) * 1e3
             row["layer_speedup"] = paired_ratio(times["torch"], times["tether"])
@@ -317,7 +320,8 @@ def table(rows: Sequence[Row]) -> str:
             "### Convolution kernels: `Conv2d(256, 256, k)`, 65,536 matrices of k x k",
             markdown_table(columns, body),
             "Forward + backward of the kernel; layer includes the constraint's own work "
-            "(generator, base point), map is the map alone.",
+            "(generator, base point), map is the map alone; SO(n): tether.special_orthogonal "
+            "against torch's orthogonal.",
         ]
     return "\n\n".join(sections)
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tether.functional import cayley, householder, matrix_exp, orthonormalize, polar
+from tether.functional._orthogonal import base_householder, householder_path
 
 REAL = [torch.float32, torch.float64]
 # torch's forward-mode AD loads its decompositions with torch.jit.script on first use, which
@@ -322,3 +325,84 @@ def test_polar_is_the_nearest_orthonormal_matrix(dtype):
     torch.testing.assert_close(polar(Q), Q)
     other = orthonormalize(X)
     assert torch.linalg.matrix_norm(X - Q) <= torch.linalg.matrix_norm(X - other) + 1e-5
+
+
+# base @ householder(X) for many small kernels (the orthogonal constraint's product)
+
+BASE_SHAPES = [(32, 2, 2), (32, 3, 3), (4, 8, 3, 3)]
+
+
+def orthogonal_like(X: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn_like(X)).Q
+
+
+@pytest.mark.parametrize("shape", BASE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", REAL)
+def test_base_householder_is_the_product_with_the_base(shape, dtype):
+    X = torch.randn(shape, dtype=dtype)
+    X.diagonal(dim1=-2, dim2=-1).mul_(0.3)  # signs from |X[i, i]| < 1 too
+    base = orthogonal_like(X)
+    W = base_householder(X, base)
+    assert W.shape == X.shape and W.dtype == dtype and W.is_contiguous()
+    expected = base.double() @ reference_householder(X.double())
+    assert (W.double() - expected).abs().max().item() <= tolerance(dtype, shape[-1])
+
+
+@FORWARD_AD
+@pytest.mark.parametrize("shape", BASE_SHAPES, ids=str)
+def test_base_householder_gradcheck_gradgradcheck_and_vmap(shape):
+    X = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    base = orthogonal_like(X.detach()).requires_grad_()
+    assert torch.autograd.gradcheck(base_householder, (X, base), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(base_householder, (X, base))
+    Xs = torch.randn(2, *shape, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.func.vmap(base_householder, (0, None))(Xs, base.detach()),
+        base.detach() @ reference_householder(Xs),
+    )
+
+
+@pytest.mark.parametrize("shape", [(32, 3, 3), (5, 3, 3), (2, 4, 4)], ids=str)
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_base_householder_reads_no_value_forward_or_backward(shape, mode):
+    # No value to read on meta and fake tensors: a host synchronisation would raise.
+    with FakeTensorMode() if mode == "fake" else contextlib.nullcontext():
+        device = "meta" if mode == "meta" else "cpu"
+        X = torch.empty(shape, device=device, requires_grad=True)
+        W = base_householder(X, torch.empty(shape, device=device))
+        (grad,) = torch.autograd.grad(W, X, torch.ones_like(W))
+        assert W.shape == grad.shape == X.shape
+
+
+@DYNAMO_FUNCTION
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_base_householder_compiles_whole_and_matches_eager(backend):
+    torch._dynamo.reset()
+    X = torch.randn(32, 3, 3, dtype=torch.float64)
+    base = orthogonal_like(X)
+    cotangent = torch.randn_like(X)
+    compiled = torch.compile(base_householder, fullgraph=True, backend=backend)
+    results = []
+    for f in (compiled, base_householder):
+        leaf = X.clone().requires_grad_()
+        W = f(leaf, base)
+        (W * cotangent).sum().backward()
+        results.append((W.detach(), leaf.grad))
+    torch.testing.assert_close(results[0], results[1])
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("device_type", "k", "batch", "path"),
+    [
+        ("cpu", 3, 32, "loop"),
+        ("cpu", 7, 65536, "loop"),
+        ("cpu", 3, 31, "torch"),
+        ("cpu", 8, 32, "wy"),
+        ("cpu", 256, 1, "wy"),
+        ("cuda", 3, 65536, "loop"),
+        ("cuda", 1024, 1, "wy"),
+    ],
+)
+def test_householder_path_depends_on_columns_and_batch(device_type, k, batch, path):
+    assert householder_path(device_type, k, batch) == path

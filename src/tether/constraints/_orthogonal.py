@@ -26,6 +26,8 @@ from tether.constraints._tall_orthogonal import (
     is_thin,
 )
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
+from tether.functional._cayley import base_product, lower_cayley
+from tether.functional._orthogonal import base_householder
 from tether.functional._precision import compute_dtype, upcast
 
 __all__ = [
@@ -84,41 +86,55 @@ def _blocks(X: Tensor, rotate: bool) -> tuple[Tensor | None, Tensor]:
     return L - L.mH, X[..., k:, :]
 
 
-def _exp_map(rotate: bool, X: Tensor) -> Tensor:
-    """The first ``k`` columns of ``exp`` of the generator of a tall ``X``.
+def _exp_map(rotate: bool, X: Tensor, base: Tensor | None = None) -> Tensor:
+    """The first ``k`` columns of ``exp`` of the generator of a tall ``X``, after ``base``.
 
     A module-level function bound with ``functools.partial`` rather than a closure, so that
     the constraint holding it pickles (a closure cannot be pickled by reference).
     """
     n, k = X.shape[-2], X.shape[-1]
     if is_thin(n, k):
-        return exp_columns(*_blocks(X, rotate))
-    # skew_matrix_exp takes the skew part of its input itself: given 2L it exponentiates
-    # L - Lᴴ, the generator, without a second skew part being taken here.
-    Q = skew_matrix_exp(2 * _lower(X, rotate))
-    # (no slice for a square X: one autograd node fewer, which small matrices notice)
-    return Q if n == k else Q[..., :k]
+        Q = exp_columns(*_blocks(X, rotate))
+    else:
+        # skew_matrix_exp takes the skew part of its input itself: given 2L it exponentiates
+        # L - Lᴴ, the generator, without a second skew part being taken here.
+        Q = skew_matrix_exp(2 * _lower(X, rotate))
+        # (no slice for a square X: one autograd node fewer, which small matrices notice)
+        Q = Q if n == k else Q[..., :k]
+    return Q if base is None else _with_base(base, Q)
 
 
-def _cayley_map(rotate: bool, X: Tensor) -> Tensor:
-    """The first ``k`` columns of ``cayley`` of the generator of a tall ``X`` (see
-    :func:`_exp_map`)."""
+def _cayley_map(rotate: bool, X: Tensor, base: Tensor | None = None) -> Tensor:
+    """The first ``k`` columns of ``cayley`` of the generator of a tall ``X``, after ``base``
+    (see :func:`_exp_map`).
+
+    A square ``X`` takes :func:`lower_cayley`, which applies the base inside the map's
+    autograd Function (one product fewer backward, no autograd passes for the triangle).
+    """
     n, k = X.shape[-2], X.shape[-1]
+    if n == k:
+        return lower_cayley(X if rotate else _lower(X, rotate), base)
     if is_thin(n, k):
-        return cayley_columns(*_blocks(X, rotate))
-    L = _lower(X, rotate)
-    Q = cayley(L - L.mH)
-    return Q if n == k else Q[..., :k]
+        Q = cayley_columns(*_blocks(X, rotate))
+    else:
+        # _lower's L is lower triangular already: lower_cayley's tril keeps it.
+        Q = lower_cayley(_lower(X, rotate))[..., :k]
+    return Q if base is None else _with_base(base, Q)
 
 
-def _householder_map(X: Tensor) -> Tensor:
-    """:func:`householder` of a tall ``X``; for a thin one, always in compact WY form.
+def _householder_map(X: Tensor, base: Tensor | None = None) -> Tensor:
+    """:func:`householder` of a tall ``X``, after ``base``; for a thin one, always in compact
+    WY form.
 
     ``"auto"`` takes :func:`torch.linalg.householder_product` below 8 reflectors, whose
     backward forms an ``n x n`` matrix; the WY form stays ``O(n k²)`` (Note [Thin orthogonal
     weights]).
     """
-    return householder(X, algorithm="wy") if is_thin(X.shape[-2], X.shape[-1]) else householder(X)
+    n, k = X.shape[-2], X.shape[-1]
+    if base is not None and n == k:
+        return base_householder(X, base)
+    Q = householder(X, algorithm="wy") if is_thin(n, k) else householder(X)
+    return Q if base is None else _with_base(base, Q)
 
 
 def _neutral(like: Tensor) -> Tensor:
@@ -141,7 +157,7 @@ def _complete(Q: Tensor) -> Tensor:
 def _with_base(base: Tensor, Q: Tensor) -> Tensor:
     """``base @ Q`` for a square base, ``[U, U⊥] @ Q`` for a compact one (a thin weight's)."""
     if base.shape[-1] == base.shape[-2]:
-        return base @ Q
+        return base_product(base, Q) if Q.shape[-2] == Q.shape[-1] else base @ Q
     return apply_base(base, Q)
 
 
@@ -220,7 +236,7 @@ class Orthogonal(Constraint):
         if use_trivialization:
             self.register_buffer("base", None)
 
-    def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
+    def _choose_map(self, orthogonal_map: str) -> Callable[..., Tensor]:
         if orthogonal_map == "householder":
             return _householder_map
         group_map = _exp_map if orthogonal_map == "matrix_exp" else _cayley_map
@@ -230,7 +246,6 @@ class Orthogonal(Constraint):
         transposed = X.shape[-2] < X.shape[-1]
         if transposed:
             X = X.mT
-        Q = self._map(X)
         if self.use_trivialization:
             if self.base is None:
                 raise RuntimeError(
@@ -238,7 +253,9 @@ class Orthogonal(Constraint):
                     "tether.register_parametrization (or assign a weight) before using it."
                 )
             # The base is stored in the weight's dtype: cast it to the one computed in.
-            Q = _with_base(self.base.to(Q.dtype), Q)
+            Q = self._map(X, self.base.to(X.dtype))
+        else:
+            Q = self._map(X)
         return Q.mT if transposed else Q
 
     @torch.no_grad()
@@ -529,7 +546,7 @@ class Grassmannian(Orthogonal):
     ) -> None:
         super().__init__(orthogonal_map, use_trivialization=True, size=size)
 
-    def _choose_map(self, orthogonal_map: str) -> Callable[[Tensor], Tensor]:
+    def _choose_map(self, orthogonal_map: str) -> Callable[..., Tensor]:
         group_map = _exp_map if orthogonal_map == "matrix_exp" else _cayley_map
         return functools.partial(group_map, False)
 
