@@ -441,8 +441,7 @@ def cases(
             dtypes,
             first_shape,
             lambda row: (
-                (where is None or where(row))
-                and not any(f in row.refuses for f in supporting)
+                (where is None or where(row)) and not any(f in row.refuses for f in supporting)
             ),
         )
     ]
