@@ -26,9 +26,10 @@ from tether.constraints._tall_orthogonal import (
     is_thin,
 )
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
-from tether.functional._cayley import base_product, lower_cayley
-from tether.functional._orthogonal import base_householder
+from tether.functional._base_householder import base_householder
+from tether.functional._lower_cayley import lower_cayley
 from tether.functional._precision import compute_dtype, upcast
+from tether.functional._small_matrices import base_product
 
 __all__ = [
     "Grassmannian",

@@ -56,7 +56,7 @@ __all__ = [
 #        determine one: U⊥ = (H₁⋯H_k)[:, k:], since (H₁⋯H_k)ᴴ U = [R; 0]. In compact WY form
 #        H₁⋯H_k = I - Y T Yᴴ, with Y the unit lower trapezoid of the reflectors and
 #        T = (I + diag(τ) triu(YᴴY, 1))⁻¹ diag(τ) (Note [Compact WY form] in
-#        tether.functional._orthogonal, here with LAPACK's τ, 0 for a skipped reflection), so
+#        tether.functional._householder, here with LAPACK's τ, 0 for a skipped reflection), so
 #            U⊥ P = [0; P] - Y T (Y[k:]ᴴ P),
 #        two n x k by k x k products. The base is therefore stored as U, shape (*, n, k),
 #        and the reflectors are computed again from it at each use (a QR of U, O(n k²),

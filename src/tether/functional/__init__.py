@@ -4,11 +4,13 @@ Each map takes tensors of shape ``(*, m, n)``, batches over the leading dimensio
 dtype and device and holds no state; each comes with its right inverse where one exists.
 """
 
+from tether.functional._cayley import cayley as cayley
 from tether.functional._elementwise import poincare_exp as poincare_exp
 from tether.functional._elementwise import poincare_log as poincare_log
 from tether.functional._elementwise import project_simplex as project_simplex
 from tether.functional._elementwise import project_sphere as project_sphere
 from tether.functional._elementwise import softplus_inverse as softplus_inverse
+from tether.functional._householder import householder as householder
 from tether.functional._linear import dissipative as dissipative
 from tether.functional._linear import dissipative_inverse as dissipative_inverse
 from tether.functional._linear import factored as factored
@@ -24,8 +26,6 @@ from tether.functional._norms import norm_except_dim as norm_except_dim
 from tether.functional._norms import power_iteration as power_iteration
 from tether.functional._norms import singular_value_estimate as singular_value_estimate
 from tether.functional._norms import weight_normalize as weight_normalize
-from tether.functional._orthogonal import cayley as cayley
-from tether.functional._orthogonal import householder as householder
 from tether.functional._orthogonal import matrix_exp as matrix_exp
 from tether.functional._orthogonal import orthonormalize as orthonormalize
 from tether.functional._orthogonal import polar as polar
