@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from _timing import header, measure, median, ms, paired_ratio, ratio
 from _timing import table as markdown_table
+from orthogonal_maps import orthogonal_layer, weight_step
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -57,23 +58,6 @@ def _error(W: torch.Tensor) -> float:
     W = W.detach().double().flatten(0, -3) if W.dim() > 2 else W.detach().double()
     eye = torch.eye(W.shape[-1], dtype=W.dtype)
     return (W.mT @ W - eye).abs().max().item()
-
-
-def _orthogonal_linear(library: str, orthogonal_map: str, original: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(original.shape[-1], original.shape[-2], bias=False)
-    register = tether.orthogonal if library == "tether" else parametrizations.orthogonal
-    register(layer, orthogonal_map=orthogonal_map)
-    with torch.no_grad():
-        layer.parametrizations.weight.original.copy_(original)
-    return layer
-
-
-def _weight_step(module: nn.Module, cotangent: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        (module.weight * cotangent).sum().backward()
-
-    return step
 
 
 def _map_step(f: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor, cotangent: torch.Tensor):
@@ -105,10 +89,10 @@ def map_rows(sizes: Sequence[int], quick: bool) -> list[Row]:
         cotangent = torch.randn(n, n, generator=generator)
         L = original.tril()
         A = L - L.mT
-        layers = {lib: _orthogonal_linear(lib, "cayley", original) for lib in ("torch", "tether")}
+        layers = {lib: orthogonal_layer(lib, "cayley", original) for lib in ("torch", "tether")}
         seconds = (0.3 if quick else 2.0) * (3.0 if n >= 1024 else 1.0)
         row: Row = {"section": "map", "n": n}
-        candidates = {lib: _weight_step(layer, cotangent) for lib, layer in layers.items()}
+        candidates = {lib: weight_step(layer, cotangent) for lib, layer in layers.items()}
         for lib, layer in layers.items():
             row[f"{lib}_error"] = _error(layer.weight)
         candidates |= {
@@ -205,7 +189,7 @@ def conv_rows(quick: bool) -> list[Row]:
             else:
                 maps = {"torch_map": _torch_householder, "tether_map": householder}
                 argument = X
-            candidates = {lib: _weight_step(layer, cotangent) for lib, layer in layers.items()}
+            candidates = {lib: weight_step(layer, cotangent) for lib, layer in layers.items()}
             candidates |= {name: _map_step(f, argument, cotangent) for name, f in maps.items()}
             times = measure(candidates, 0.5 if quick else 3.0, rounds=3)
             row: Row = {"section": "conv", "kernel": f"{k} x {k}", "map": label}

@@ -34,7 +34,9 @@ GOALS = {"matrix_exp": 4.0, "householder": 5.0}
 Row = dict[str, object]
 
 
-def _layer(library: str, orthogonal_map: str, original: torch.Tensor) -> nn.Linear:
+def orthogonal_layer(library: str, orthogonal_map: str, original: torch.Tensor) -> nn.Linear:
+    """An orthogonal ``Linear`` of ``library`` ("tether" or "torch") with ``original`` as its
+    unconstrained tensor, so that both libraries start from the same point."""
     layer = nn.Linear(original.shape[-1], original.shape[-2], bias=False)
     register = tether.orthogonal if library == "tether" else parametrizations.orthogonal
     register(layer, orthogonal_map=orthogonal_map)
@@ -43,7 +45,9 @@ def _layer(library: str, orthogonal_map: str, original: torch.Tensor) -> nn.Line
     return layer
 
 
-def _step(layer: nn.Linear, cotangent: torch.Tensor) -> Callable[[], None]:
+def weight_step(layer: nn.Module, cotangent: torch.Tensor) -> Callable[[], None]:
+    """One read of ``layer.weight`` and a backward pass from ``cotangent``."""
+
     def step() -> None:
         layer.zero_grad(set_to_none=True)
         (layer.weight * cotangent).sum().backward()
@@ -95,8 +99,10 @@ def run(sizes: Sequence[int] = SIZES, quick: bool = False) -> list[Row]:
             original = torch.randn(n, n, generator=generator) / n**0.5
             original.diagonal().copy_(original.diagonal().sign())
             cotangent = torch.randn(n, n, generator=generator)
-            layers = {lib: _layer(lib, orthogonal_map, original) for lib in ("torch", "tether")}
-            steps = {lib: _step(layer, cotangent) for lib, layer in layers.items()}
+            layers = {
+                lib: orthogonal_layer(lib, orthogonal_map, original) for lib in ("torch", "tether")
+            }
+            steps = {lib: weight_step(layer, cotangent) for lib, layer in layers.items()}
             times = compare(steps, min_run_time, rounds=1 if n >= 1024 or quick else 3)
             peaks = {lib: _peak_mib(step) for lib, step in steps.items()}
             rows.append(
