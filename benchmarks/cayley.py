@@ -8,7 +8,8 @@ Three tables, every candidate timed side by side in this process (``_timing.meas
    (``tether.functional.cayley`` against ``torch.linalg.solve(I - A/2, I + A/2)``, PyTorch's
    formulation). The original is a Gaussian ``X / √n``, as in ``orthogonal_maps.py``.
 2. One training step of an orthogonal ``Linear(n, n)``, batch 64, mean squared error: each of
-   tether's maps with Adam, PyTorch's Cayley map with Adam, and POGO (``pogo-torch``, an
+   tether's maps with Adam (the Cayley map also without its base point,
+   ``use_trivialization=False``), PyTorch's Cayley map with Adam, and POGO (``pogo-torch``, an
    optimizer that keeps a plain weight near the orthogonal matrices, with its VectorAdam).
 3. Convolution kernels, ``Conv2d(256, 256, 3)`` (65,536 matrices of 3 x 3) and of 2 x 2:
    forward + backward of the kernel with the Cayley and the Householder maps, layer and map;
@@ -135,6 +136,11 @@ def training_rows(sizes: Sequence[int], quick: bool) -> list[Row]:
         for orthogonal_map in TETHER_MAPS:
             ours = tether.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map=orthogonal_map)
             models[f"tether {orthogonal_map}"] = (ours, torch.optim.Adam(ours.parameters(), lr=LR))
+        # Without the base point the map is 2 M⁻¹ - I: one product fewer each way.
+        ours = tether.orthogonal(
+            nn.Linear(n, n, bias=False), orthogonal_map="cayley", use_trivialization=False
+        )
+        models["tether cayley, no base"] = (ours, torch.optim.Adam(ours.parameters(), lr=LR))
         if POGO is not None:
             plain = nn.Linear(n, n, bias=False)
             nn.init.orthogonal_(plain.weight)
