@@ -408,6 +408,20 @@ def test_update_base_without_a_base_point_says_what_to_register():
         tether.update_base(nn.Linear(3, 3))
 
 
+def test_update_base_without_a_base_or_a_right_inverse_says_so_and_changes_nothing():
+    layer = tether.orthogonal(nn.Linear(4, 4), orthogonal_map="cayley", use_trivialization=False)
+    original = layer.parametrizations.weight.original
+    before = original.detach().clone()
+    with pytest.raises(
+        NotImplementedError,
+        match=r"update_base\(\) on Linear.weight: no parametrization.*"
+        r"use_trivialization=True",
+    ):
+        tether.update_base(layer)
+    assert layer.parametrizations.weight.original is original
+    assert torch.equal(original, before)
+
+
 @pytest.mark.parametrize("shape", [(5, 5), (7, 3)], ids=str)
 def test_geotorch_agrees_on_membership(shape):
     theirs = nn.Module()

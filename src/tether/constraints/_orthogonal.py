@@ -720,6 +720,8 @@ def update_base(
         averaged: the averaged copy of ``module`` to move along, if any.
 
     Raises:
+        NotImplementedError: the chain has no base point and no right inverse (e.g.
+            ``orthogonal(..., use_trivialization=False)``): nothing to update.
         ValueError: ``module.<name>`` is not parametrized; or, with ``averaged``: it is
             not a copy of ``module`` with the same constraints on ``name``, or (with a base
             point) the constraint with a base is not the first of its chain, it is a
@@ -772,10 +774,18 @@ def update_base(
     if copy_chain is None or not any(isinstance(getattr(p, "base", None), Tensor) for p in plist):
         # No base point (or no averaged copy): re-assign the weight through its chain, which
         # leaves it where it is and writes its originals afresh (geotorch's update_base).
-        with torch.no_grad():
-            setattr(module, name, getattr(module, name))
-            if twin is not None:
-                setattr(twin, name, getattr(twin, name))
+        try:
+            with torch.no_grad():
+                setattr(module, name, getattr(module, name))
+                if twin is not None:
+                    setattr(twin, name, getattr(twin, name))
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"{who}: no parametrization of the tensor has a base point to move, and the "
+                f"chain cannot write its weight back to the originals ({error}). Nothing was "
+                "changed. For an orthogonal weight, register it with use_trivialization=True "
+                "(the default) to move its base during training."
+            ) from error
         return
     constraint, copy_constraint = plist[0], copy_chain[0]
     if (
