@@ -204,6 +204,8 @@ class Row:
         estimate: the weight depends on an iterative estimate (spectral norm's power method),
             which training-mode reads advance: models are settled before use, and the weight
             is checked to ``eps ** 0.25`` instead of ``sqrt(eps)``.
+        real_original: the original that is real for a complex tensor (weight norm's
+            magnitude ``original0``, as in PyTorch), of the complex dtype's real counterpart.
     """
 
     name: str
@@ -216,6 +218,7 @@ class Row:
     integers: bool = False
     representative: bool = False
     estimate: bool = False
+    real_original: str | None = None
 
 
 def _orthogonal_rows() -> list[Row]:
@@ -335,7 +338,9 @@ ROWS: tuple[Row, ...] = (
         "weight_norm",
         tether.weight_norm,
         ANY_SHAPE,
+        REAL_AND_COMPLEX,
         originals=2,
+        real_original="original0",
         torch_twin=torch_parametrizations.weight_norm,
         refuses=_SEVERAL_ORIGINALS,
         representative=True,

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations as torch_parametrizations
 import tether
 from tether import _torch_compat
 from tether.constraints import WeightNorm
-from tether.functional import norm_except_dim
+from tether.functional import norm_except_dim, weight_normalize
 from tether.testing import check_parametrization
 
 LAYERS = {
@@ -223,3 +223,31 @@ def test_zero_dimensional_tensor_raises_value_error(dim):
     module.scale = nn.Parameter(torch.tensor(2.0))
     with pytest.raises(ValueError, match=r"weight_norm\(\) on Module.scale needs at least one"):
         tether.weight_norm(module, "scale", dim=dim)
+
+
+# Complex weights (torch's fused kernel has them only for one magnitude for the whole tensor)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_a_complex_weight_keeps_its_value_and_trains_with_real_magnitudes(dim):
+    torch.manual_seed(0)
+    layer = nn.Module()  # nn.Linear(...).to(complex) warns that complex modules are new
+    layer.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.complex128))
+    before = layer.weight.detach().clone()
+    tether.weight_norm(layer, dim=dim)
+    torch.testing.assert_close(layer.weight, before)
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    assert g.dtype == torch.float64 and v.dtype == torch.complex128
+    layer.weight.abs().sum().backward()
+    assert g.grad is not None and g.grad.dtype == torch.float64
+    assert v.grad is not None and v.grad.dtype == torch.complex128
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_complex_weight_normalization_is_magnitude_times_direction_with_exact_gradients(dim):
+    v = torch.randn(4, 3, dtype=torch.complex128, requires_grad=True)
+    g = (torch.rand(4, 1) if dim == 0 else torch.rand(1, 3)).double().requires_grad_()
+    W = weight_normalize(g, v, dim)
+    torch.testing.assert_close(norm_except_dim(W, dim), g.detach())
+    torch.testing.assert_close(W / norm_except_dim(W, dim), v / norm_except_dim(v, dim))
+    assert torch.autograd.gradcheck(lambda g, v: weight_normalize(g, v, dim), (g, v))

@@ -779,13 +779,13 @@ def update_base(
                 setattr(module, name, getattr(module, name))
                 if twin is not None:
                     setattr(twin, name, getattr(twin, name))
-        except NotImplementedError as error:
+        except NotImplementedError as refusal:
             raise NotImplementedError(
                 f"{who}: no parametrization of the tensor has a base point to move, and the "
-                f"chain cannot write its weight back to the originals ({error}). Nothing was "
-                "changed. For an orthogonal weight, register it with use_trivialization=True "
-                "(the default) to move its base during training."
-            ) from error
+                f"chain cannot write its weight back to the originals ({refusal}). Nothing "
+                "was changed. For an orthogonal weight, register it with "
+                "use_trivialization=True (the default) to move its base during training."
+            ) from refusal
         return
     constraint, copy_constraint = plist[0], copy_chain[0]
     if (

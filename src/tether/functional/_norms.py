@@ -50,7 +50,9 @@ def weight_normalize(g: Tensor, v: Tensor, dim: int | None = 0) -> Tensor:
 
     The same computation (and the same fused kernels) as
     :func:`torch.nn.utils.parametrizations.weight_norm`. Its right inverse is
-    ``W -> (norm_except_dim(W, dim), W)``.
+    ``W -> (norm_except_dim(W, dim), W)``. Complex ``v`` with one magnitude per index of
+    ``dim`` (which torch's fused kernel refuses: "not implemented for 'ComplexFloat'") is
+    scaled by ``g / norm_except_dim(v, dim)``, real magnitudes as for the whole tensor.
 
     Args:
         g: the magnitudes, shaped like ``norm_except_dim(v, dim)``.
@@ -65,7 +67,10 @@ def weight_normalize(g: Tensor, v: Tensor, dim: int | None = 0) -> Tensor:
         >>> torch.allclose(weight_normalize(norm_except_dim(W, 0), W, 0), W)
         True
     """
-    out: Tensor = weight_norm(v, g, _whole_if_none(dim))
+    dim = _whole_if_none(dim)
+    if v.is_complex() and dim != -1:
+        return v * (g / torch.norm_except_dim(v, 2, dim))
+    out: Tensor = weight_norm(v, g, dim)
     return out
 
 
