@@ -81,3 +81,30 @@ def test_forward_and_backward_read_no_value(orthogonal_map, shape, mode):
         W = constraint(X)
         (grad,) = torch.autograd.grad(W, X, torch.ones_like(W))
     assert W.shape == grad.shape == shape
+
+
+@pytest.mark.parametrize("helper", REGISTER)
+def test_a_kernel_follows_every_write_of_its_base(helper):
+    # The 3 x 3 closed form keeps the base's entries between reads (Note [The entries of a
+    # base point, kept]): every way a base is written must reach the weight.
+    shape = (32, 32, 3, 3)
+    module = REGISTER[helper](module_with(shape), orthogonal_map="cayley")
+    chain = module.parametrizations.weight
+
+    def assert_the_composition():
+        expected = composition(chain.original.detach(), chain[0].base, "cayley")
+        torch.testing.assert_close(module.weight, expected)
+
+    with torch.no_grad():
+        chain.original.copy_(torch.randn(shape, dtype=torch.float64) / 3)
+    before = module.weight.detach().clone()
+    tether.update_base(module)
+    assert_the_composition()
+    torch.testing.assert_close(module.weight, before)
+    other = REGISTER[helper](module_with(shape), orthogonal_map="cayley")
+    module.load_state_dict(other.state_dict())
+    assert_the_composition()
+    torch.testing.assert_close(module.weight, other.weight)
+    with torch.no_grad():
+        chain[0].base.copy_(torch.linalg.qr(torch.randn(shape, dtype=torch.float64)).Q)
+    assert_the_composition()

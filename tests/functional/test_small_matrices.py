@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
-from tether.functional._small_matrices import SMALL_BATCH, base_product, batch_first, batch_last
+from tether.functional import _small_matrices
+from tether.functional._small_matrices import (
+    SMALL_BATCH,
+    base_product,
+    base_rows,
+    batch_first,
+    batch_last,
+)
 
 # torch's forward-mode AD loads its decompositions with torch.jit.script on first use, which
 # warns that torch.jit.script is deprecated (torch's own code, not ours).
@@ -32,3 +41,51 @@ def test_base_product_value_and_derivatives(shape):
     torch.testing.assert_close(
         torch.func.vmap(base_product, (None, 0))(base.detach(), batched), base.detach() @ batched
     )
+
+
+def rows_of(base: torch.Tensor) -> torch.Tensor:
+    return base.reshape(-1, base.shape[-1] * base.shape[-2]).mT
+
+
+def test_base_rows_are_kept_until_the_base_is_written():
+    base = torch.randn(40, 3, 3)
+    rows = base_rows(base, base)
+    assert torch.equal(rows, rows_of(base)) and rows.is_contiguous()
+    assert base_rows(base, base) is rows
+    with torch.no_grad():
+        base.mul_(2.0)
+    moved = base_rows(base, base)
+    assert moved is not rows and torch.equal(moved, rows_of(base))
+    base.set_(torch.randn(40, 3, 3))  # a new storage
+    assert torch.equal(base_rows(base, base), rows_of(base))
+
+
+@pytest.mark.parametrize("kind", ["requires_grad", "inference", "broadcast"])
+def test_base_rows_are_computed_afresh_where_a_write_could_go_unseen(kind):
+    # gradcheck perturbs inputs through .data, which keeps the version counter; inference
+    # tensors have none; a broadcast base is a new view at every call.
+    like = torch.randn(40, 3, 3)
+    if kind == "requires_grad":
+        base = torch.randn(40, 3, 3, requires_grad=True)
+    elif kind == "inference":
+        with torch.inference_mode():
+            base = torch.randn(40, 3, 3)
+    else:
+        base = torch.randn(3, 3)
+    with torch.no_grad():  # as inside the maps' autograd Functions
+        first = base_rows(base, like)
+        assert base_rows(base, like) is not first
+        torch.testing.assert_close(first, rows_of(base.expand_as(like)))
+        if kind == "requires_grad":
+            base.data.add_(1.0)
+            torch.testing.assert_close(base_rows(base, like), rows_of(base))
+
+
+def test_kept_rows_go_with_their_base():
+    base = torch.randn(40, 3, 3)
+    base_rows(base, base)
+    key = id(base)
+    assert key in _small_matrices._BASE_ROWS._kept
+    del base
+    gc.collect()
+    assert key not in _small_matrices._BASE_ROWS._kept

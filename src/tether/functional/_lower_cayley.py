@@ -20,6 +20,7 @@ from tether.functional._small_matrices import (
     _reduce,
     _rows_into,
     _vmap_rule,
+    base_rows,
     batch_first,
     batch_last,
     small_matmul,
@@ -31,10 +32,10 @@ __all__ = ["cayley_path", "lower_cayley"]
 CayleyPath = Literal["closed_form", "small", "schur", "lapack"]
 
 # Fewest matrices for which the closed forms of lower_cayley (real n = 2, 3) beat the
-# batch-last path on a CPU, forward + backward (measured at batches of 16 to 4096: the
-# closed form for n = 3 is some 150 operations on vectors, a fixed cost that pays from
-# about 700 matrices on).
-CLOSED_FORM_MIN_BATCH = {2: SMALL_BATCH, 3: 1024}
+# batch-last path on a CPU, forward + backward with a base (measured at batches of 16 to
+# 4096: the closed form for n = 3 is about 100 operations on vectors, a fixed cost that
+# ties at 256 matrices and pays from 512 on).
+CLOSED_FORM_MIN_BATCH = {2: SMALL_BATCH, 3: 512}
 
 
 # Note [The Cayley map of a lower triangle, with its base point]
@@ -54,17 +55,21 @@ CLOSED_FORM_MIN_BATCH = {2: SMALL_BATCH, 3: 1024}
 #         cayley(A) = ((1 - t) I + 2 [b]ₓ + 2 b bᵀ) / (1 + t),
 #     since (I - [b]ₓ)⁻¹ = I + ([b]ₓ + [b]ₓ²)/(1 + t) by [b]ₓ³ = -t [b]ₓ; for n = 2 it is the
 #     rotation by θ = 2 atan(a/2), a = A₁₀: cos θ = (1 - t)/(1 + t), sin θ = a/(1 + t).
-#     Their gradients, with Q̄ = baseᵀ W̄:
-#         n = 2:  X̄₁₀ = ⟨W̄, W J⟩ / (1 + t),  J = [[0, -1], [1, 0]]  (dW = W J dθ),
-#         n = 3:  ā = (v(Q̄) + (Q̄ + Q̄ᵀ) b - (⟨W̄, W⟩ + tr Q̄) b) / (1 + t),
-#     v(Q̄) = (Q̄₂₁ - Q̄₁₂, Q̄₀₂ - Q̄₂₀, Q̄₁₀ - Q̄₀₁) the adjoint of b ↦ [b]ₓ, and
-#     ⟨W̄, W⟩ = ⟨Q̄, Q⟩ = ((1 - t) tr Q̄ + 2 b·v(Q̄) + bᵀ(Q̄ + Q̄ᵀ) b)/(1 + t), from b alone.
+#     Their gradients need neither the base nor Q̄ = baseᵀ W̄: Q is orthogonal, so
+#     dW = base dQ = W (Qᵀ dQ) with Qᵀ dQ skew, and ⟨W̄, dW⟩ = ⟨Wᵀ W̄, Qᵀ dQ⟩.
+#         n = 2:  Qᵀ dQ = J dθ, J = [[0, -1], [1, 0]], so X̄₁₀ = ⟨W̄, W J⟩ / (1 + t).
+#         n = 3:  with P = (I + [b]ₓ)⁻¹, Qᵀ dQ = 2 P [db]ₓ Pᵀ = [ω]ₓ, ω = 2 (db - [b]ₓ db)/(1 + t)
+#                 (M [x]ₓ Mᵀ = [det(M) M⁻ᵀ x]ₓ and det(I + [b]ₓ) = 1 + t), so with
+#                 v = ((WᵀW̄)₂₁ - (WᵀW̄)₁₂, (WᵀW̄)₀₂ - (WᵀW̄)₂₀, (WᵀW̄)₁₀ - (WᵀW̄)₀₁),
+#                 ā = b̄/2 = (v + [b]ₓ v)/(1 + t).
 #     Each entry of every matrix is one vector over the batch (as in Note [Closed forms of
-#     small skew exponentials]), so that W = base Q and Q̄ are 27 multiply-adds of vectors,
-#     where batched products and tril of (*, 3, 3) tensors run many times slower; the
-#     forward keeps b, 1/(1 + t) and the base's entries (read once, in rows). Second
-#     derivatives (create_graph=True, torch.func transforms) differentiate
-#     _lower_cayley_autograd, the composition of cayley() with autograd's tril and product.
+#     small skew exponentials]): W = base Q is 27 multiply-adds of vectors and v 18, where
+#     batched products and tril of (*, 3, 3) tensors run many times slower. The forward
+#     keeps b, 1/(1 + t) and (n = 3) W's entries in rows, so that the backward transposes
+#     only W̄; the base's rows are kept between calls (Note [The entries of a base point,
+#     kept] in _small_matrices.py). Second derivatives (create_graph=True, torch.func
+#     transforms) differentiate _lower_cayley_autograd, the composition of cayley() with
+#     autograd's tril and product.
 
 
 def cayley_path(device_type: str, n: int, dtype: torch.dtype, batch: int = 1) -> CayleyPath:
@@ -228,8 +233,8 @@ def _rotation_cayley(X: Tensor, saved: Tensor) -> list[Tensor]:
     torch.mul(x[3], 0.5, out=b3)
     t = (b1 * b1).addcmul_(b2, b2).addcmul_(b3, b3)
     torch.add(t, 1.0, out=s).reciprocal_()
-    diagonal = t.neg_().add_(1.0).mul_(s)
     s2 = s * 2.0
+    diagonal = s2 - 1.0  # (1 - t)/(1 + t)
     u1, u2, u3 = b1 * s2, b2 * s2, b3 * s2  # 2 s b
     p12, p13, p23 = u1 * b2, u1 * b3, u2 * b3  # 2 s bᵢ bⱼ
     return [
@@ -245,40 +250,56 @@ def _rotation_cayley(X: Tensor, saved: Tensor) -> list[Tensor]:
     ]
 
 
-def _saved_rows(n: int, with_base: bool) -> int:
-    """The rows of _RotationCayley's saved tensor: ``b`` and ``s``, then (n = 3, with a base)
-    the entries of the base."""
-    return 2 if n == 2 else 4 + (9 if with_base else 0)
+def _saved_rows(n: int) -> int:
+    """The rows of _RotationCayley's saved tensor: ``b`` and ``s``, then (n = 3) W's entries."""
+    return 2 if n == 2 else 13
 
 
 def _rotation_cayley_gradient(grad: Tensor, W: Tensor, saved: Tensor) -> list[Tensor | None]:
     """The entries of ``X̄`` (Note [The Cayley map of a lower triangle, with its base point]);
     ``None`` for zero."""
-    n = W.shape[-1]
-    if n == 2:
+    if W.shape[-1] == 2:
         g, w = _entries(grad), _entries(W)
         theta_bar = (g[0] * w[1]).addcmul_(g[2], w[3]).sub_(g[1] * w[0]).sub_(g[3] * w[2])
         return [None, None, theta_bar.mul_(saved[1]), None]
     b1, b2, b3, s = saved[:4].unbind(0)
+    w = list(saved[4:].unbind(0))
     g = _rows_into(grad.new_empty(9, s.shape[0]), grad)
-    q = _entry_matmul(saved[4:].unbind(0), g, 3, transpose=True) if saved.shape[0] > 4 else g
-    s01, s02, s12 = q[1] + q[3], q[2] + q[6], q[5] + q[7]  # Q̄ = baseᵀ W̄, Q̄ + Q̄ᵀ
-    v1, v2, v3 = q[7] - q[5], q[2] - q[6], q[3] - q[1]  # v(Q̄)
-    u1 = torch.addcmul(s01 * b2, q[0], b1, value=2.0).addcmul_(s02, b3)  # u = (Q̄ + Q̄ᵀ) b
-    u2 = torch.addcmul(s01 * b1, q[4], b2, value=2.0).addcmul_(s12, b3)
-    u3 = torch.addcmul(s02 * b1, q[8], b3, value=2.0).addcmul_(s12, b2)
-    # r = ⟨Q̄, Q⟩ + tr Q̄, with ⟨Q̄, Q⟩ = s ((1 - t) tr Q̄ + 2 b·v + b·u): Q itself not needed.
-    trace = (q[0] + q[4]).add_(q[8])
-    t = (b1 * b1).addcmul_(b2, b2).addcmul_(b3, b3)
-    r = t.neg_().add_(1.0).mul_(trace)
-    for b, v, u in ((b1, v1, u1), (b2, v2, u2), (b3, v3, u3)):
-        r.addcmul_(b, v, value=2.0).addcmul_(b, u)
-    r.mul_(s).add_(trace)
-    a1, a2, a3 = (
-        v.add_(u).addcmul_(r, b, value=-1.0).mul_(s)  # ā = s (v + u - r b)
-        for v, u, b in ((v1, u1, b1), (v2, u2, b2), (v3, u3, b3))
-    )
+    v = []
+    for i, j in ((2, 1), (0, 2), (1, 0)):  # (WᵀW̄)ᵢⱼ - (WᵀW̄)ⱼᵢ
+        entry = w[i] * g[j]
+        entry.addcmul_(w[j], g[i], value=-1.0)
+        for r in (3, 6):
+            entry.addcmul_(w[r + i], g[r + j]).addcmul_(w[r + j], g[r + i], value=-1.0)
+        v.append(entry)
+    v1, v2, v3 = v
+    # ā = s (v + [b]ₓ v), in operations on vectors (torch.linalg.cross along the rows of a
+    # (3, B) tensor takes twice as long)
+    a1 = (b2 * v3).addcmul_(b3, v2, value=-1.0).add_(v1).mul_(s)
+    a2 = (b3 * v1).addcmul_(b1, v3, value=-1.0).add_(v2).mul_(s)
+    a3 = (b1 * v2).addcmul_(b2, v1, value=-1.0).add_(v3).mul_(s)
     return [None, None, None, a3, None, None, a2.neg_(), a1, None]
+
+
+def _rotation_product(X: Tensor, base: Tensor | None, Q: list[Tensor], saved: Tensor) -> Tensor:
+    """``W = base Q`` (``Q`` without a base) as ``(*, 3, 3)`` matrices from the entries of
+    ``Q``, each entry of W summed in its row of ``saved`` (from the fifth on), then copied
+    into its strided place in W (fresh memory for each would cost page faults)."""
+    if torch.compiler.is_compiling():  # Dynamo rejects writes into rows and columns
+        entries = Q if base is None else _entry_matmul(_entries(base.expand_as(X)), Q, 3)
+        saved.copy_(torch.cat([saved[:4], torch.stack(entries)]))
+        return _matrix(entries, X)
+    rows = saved[4:].unbind(0)
+    if base is None:
+        for row, entry in zip(rows, Q, strict=True):
+            row.copy_(entry)
+    else:
+        P = base_rows(base, X).unbind(0)
+        for i in range(3):
+            for j in range(3):
+                row = torch.mul(P[3 * i], Q[j], out=rows[3 * i + j])
+                row.addcmul_(P[3 * i + 1], Q[3 + j]).addcmul_(P[3 * i + 2], Q[6 + j])
+    return _matrix(rows, X)
 
 
 class _RotationCayley(torch.autograd.Function):
@@ -288,15 +309,13 @@ class _RotationCayley(torch.autograd.Function):
     @staticmethod
     def forward(X: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
         n = X.shape[-1]
-        saved = X.new_empty(_saved_rows(n, base is not None), math.prod(X.shape[:-2]))
+        saved = X.new_empty(_saved_rows(n), math.prod(X.shape[:-2]))
         Q = _rotation_cayley(X, saved)
+        if n == 3:
+            return _rotation_product(X, base, Q, saved), saved
         if base is None:
             return _matrix(Q, X), saved
-        if n == 2:
-            base_entries = _entries(base.expand_as(X))
-        else:
-            base_entries = _rows_into(saved[4:], base.expand_as(X))
-        return _matmul_into(torch.empty_like(X), base_entries, Q, n), saved
+        return _matmul_into(torch.empty_like(X), _entries(base.expand_as(X)), Q, n), saved
 
     @staticmethod
     def vmap(
@@ -335,7 +354,7 @@ class _RotationCayley(torch.autograd.Function):
 
 def _rotation(X: Tensor) -> Tensor:
     """``cayley(tril(X) - tril(X)ᵀ)`` for real ``n = 2, 3``, as matrices."""
-    saved = X.new_empty(_saved_rows(X.shape[-1], False), math.prod(X.shape[:-2]))
+    saved = X.new_empty(_saved_rows(X.shape[-1]), math.prod(X.shape[:-2]))
     return _matrix(_rotation_cayley(X, saved), X)
 
 
