@@ -83,16 +83,19 @@ def test_forward_and_backward_read_no_value(orthogonal_map, shape, mode):
     assert W.shape == grad.shape == shape
 
 
-@pytest.mark.parametrize("helper", REGISTER)
-def test_a_kernel_follows_every_write_of_its_base(helper):
-    # The 3 x 3 closed form keeps the base's entries between reads (Note [The entries of a
+@pytest.mark.parametrize(
+    ("helper", "orthogonal_map"),
+    [("orthogonal", "cayley"), ("special_orthogonal", "cayley"), ("orthogonal", "householder")],
+)
+def test_a_kernel_follows_every_write_of_its_base(helper, orthogonal_map):
+    # The 3 x 3 closed forms keep the base's entries between reads (Note [The entries of a
     # base point, kept]): every way a base is written must reach the weight.
     shape = (32, 32, 3, 3)
-    module = REGISTER[helper](module_with(shape), orthogonal_map="cayley")
+    module = REGISTER[helper](module_with(shape), orthogonal_map=orthogonal_map)
     chain = module.parametrizations.weight
 
     def assert_the_composition():
-        expected = composition(chain.original.detach(), chain[0].base, "cayley")
+        expected = composition(chain.original.detach(), chain[0].base, orthogonal_map)
         torch.testing.assert_close(module.weight, expected)
 
     with torch.no_grad():
@@ -101,7 +104,7 @@ def test_a_kernel_follows_every_write_of_its_base(helper):
     tether.update_base(module)
     assert_the_composition()
     torch.testing.assert_close(module.weight, before)
-    other = REGISTER[helper](module_with(shape), orthogonal_map="cayley")
+    other = REGISTER[helper](module_with(shape), orthogonal_map=orthogonal_map)
     module.load_state_dict(other.state_dict())
     assert_the_composition()
     torch.testing.assert_close(module.weight, other.weight)

@@ -17,7 +17,10 @@ from tether.functional._small_matrices import (
     _matrix,
     _reduce,
     _rows,
+    _rows_into,
     _vmap_rule,
+    base_rows,
+    transposed_product_axis,
 )
 from tether.functional._traceable import traceable
 
@@ -36,6 +39,19 @@ __all__ = ["base_householder"]
 #     (reaching the reflector's vector v as τ² (pᵀ g) v, from τ = 2/(1 + |v|²)) and
 #     B̄ᵢ₋₁ = B̄ᵢ - τ g yᵀ. The product with the base costs no batched matrix product (slow on
 #     tiny matrices) either way.
+#
+#     For n = 3 the backward needs neither the base nor the Bᵢ. Q is orthogonal, so
+#     dW = W (Qᵀ dQ) and ⟨W̄, dW⟩ = k · ω with Qᵀ dQ = [ω]ₓ and k = v(Wᵀ W̄) (see
+#     transposed_product_axis). Each Hᵢ dHᵢ is skew: with n̂ = y/|y|, H = I - 2 n̂ n̂ᵀ and
+#     H dH = 2 (n̂ dn̂ᵀ - dn̂ n̂ᵀ) = [z]ₓ, z = 2 [dn̂]ₓ n̂. From Q = H₀ H₁ D',
+#         Qᵀ dQ = D' H₁ (H₀ dH₀) H₁ D' + D' (H₁ dH₁) D',
+#     and R [z]ₓ Rᵀ = det(R) [R z]ₓ for orthogonal R, ω = det(D') D' (z₁ - H₁ z₀). With
+#     m = det(D') D' k, k · ω = m · z₁ - (H₁ m) · z₀, and c · z = 2 dn̂ · [n̂]ₓ c gives
+#         ȳᵢ = τᵢ [yᵢ]ₓ cᵢ,  c₁ = m,  c₀ = -H₁ m,
+#     (the gradient in n̂ is orthogonal to n̂, and dn̂ = (I - n̂ n̂ᵀ) dy / |y|, τ = 2/|y|²),
+#     whose entries below the diagonal are X̄'s. About 40 operations on vectors where the
+#     walk back takes 150; the forward keeps W's entries in rows and reads the base's rows
+#     kept between calls (Note [The entries of a base point, kept] in _small_matrices.py).
 
 
 def _reflector_entries(x: list[Tensor], n: int) -> list[tuple[list[Tensor], Tensor]]:
@@ -73,21 +89,53 @@ def _column_scales(x: list[Tensor], n: int) -> list[Tensor]:
     return scales
 
 
+def _gradient_3(X: Tensor, W_rows: Tensor, grad: Tensor) -> list[Tensor | None]:
+    """The entries of ``X̄`` for n = 3 from ``v(Wᵀ W̄)`` (Note [Householder reflectors after a
+    base point]); ``None`` for zero."""
+    x = _entries(X)
+    g = _rows_into(grad.new_empty(9, W_rows.shape[-1]), grad)
+    k = transposed_product_axis(W_rows.unbind(0), g)
+    d = _column_scales(x, 3)
+    m = [k[0].mul_(d[1]).mul_(d[2]), k[1].mul_(d[0]).mul_(d[2]), k[2].mul_(d[0]).mul_(d[1])]
+    (y0, tau0), (y1, tau1) = _reflector_entries(x, 3)
+    a, b = y0
+    (v,) = y1
+    # c₀ = -H₁ m = τ₁ (m₁ + v m₂) y₁ - m, y₁ = (0, 1, v)
+    y1_m = torch.addcmul(m[1], v, m[2]).mul_(tau1)
+    c1 = y1_m - m[1]
+    c2 = torch.addcmul(m[2], y1_m, v, value=-1.0).neg_()
+    # X̄ below the diagonal: ȳ₀ = τ₀ [y₀]ₓ c₀ with y₀ = (1, a, b) and c₀ = (-m₀, c1, c2),
+    # ȳ₁ = τ₁ [y₁]ₓ m
+    x10 = (b * m[0]).add_(c2).mul_(tau0).neg_()
+    x20 = torch.addcmul(c1, a, m[0]).mul_(tau0)
+    x21 = (m[0] * tau1).neg_()
+    return [None, None, None, x10, None, None, x20, x21, None]
+
+
 class _BaseHouseholder(torch.autograd.Function):
     """``base @ householder(X)`` for many square ``X`` of 2 x 2 or 3 x 3; Note [Householder
-    reflectors after a base point]. The second output keeps the base's entries."""
+    reflectors after a base point]. The second output keeps the base's entries (n = 2) or
+    W's (n = 3), in rows."""
 
     @staticmethod
     def forward(X: Tensor, base: Tensor) -> tuple[Tensor, Tensor]:
         n = X.shape[-1]
         x = _entries(X)
-        base_rows = _rows(base.expand_as(X))
-        B = list(base_rows.unbind(0))
+        # n = 2 keeps the base's rows for its backward, n = 3 the entries of W.
+        saved = _rows(base.expand_as(X)) if n == 2 else X.new_empty(9, math.prod(X.shape[:-2]))
+        B = list((saved if n == 2 else base_rows(base, X)).unbind(0))
         for i, (v, tau) in enumerate(_reflector_entries(x, n)):
             B = _reflect_rows(B, n, i, v, tau)
         scales = _column_scales(x, n)
-        W = [entry * scales[k % n] for k, entry in enumerate(B)]
-        return _matrix(W, X), base_rows
+        if n == 2 or torch.compiler.is_compiling():  # Dynamo rejects writes into rows
+            W = [entry * scales[k % n] for k, entry in enumerate(B)]
+            if n == 3:
+                saved = torch.stack(W)
+            return _matrix(W, X), saved
+        rows = saved.unbind(0)
+        for k, entry in enumerate(B):
+            torch.mul(entry, scales[k % n], out=rows[k])
+        return _matrix(rows, X), saved
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, int | None], X: Tensor, base: Tensor) -> Any:
@@ -104,13 +152,18 @@ class _BaseHouseholder(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor | None, _: Tensor | None) -> tuple[Tensor | None, ...]:
         if grad is None:
             return None, None
-        X, base, base_rows = ctx.saved_tensors
+        X, base, rows = ctx.saved_tensors  # the base's (n = 2) or W's (n = 3) entries
         if torch.is_grad_enabled():  # a gradient to be differentiated again
             return torch.func.vjp(_base_householder_autograd, X, base)[1](grad)
         n = X.shape[-1]
+        if n == 3:
+            base_bar = None
+            if ctx.needs_input_grad[1]:
+                base_bar = _reduce(grad @ householder(X).mT, base)
+            return _matrix(_gradient_3(X, rows, grad), X), base_bar
         x = _entries(X)
         reflectors = _reflector_entries(x, n)
-        Bs = [list(base_rows.unbind(0))]  # B₀ .. Bₙ₋₂, the inputs of the reflectors
+        Bs = [list(rows.unbind(0))]  # B₀ .. Bₙ₋₂, the inputs of the reflectors
         for i, (v, tau) in enumerate(reflectors[:-1]):
             Bs.append(_reflect_rows(Bs[-1], n, i, v, tau))
         scales = _column_scales(x, n)

@@ -24,6 +24,7 @@ from tether.functional._small_matrices import (
     batch_first,
     batch_last,
     small_matmul,
+    transposed_product_axis,
 )
 from tether.functional._traceable import traceable
 
@@ -263,16 +264,8 @@ def _rotation_cayley_gradient(grad: Tensor, W: Tensor, saved: Tensor) -> list[Te
         theta_bar = (g[0] * w[1]).addcmul_(g[2], w[3]).sub_(g[1] * w[0]).sub_(g[3] * w[2])
         return [None, None, theta_bar.mul_(saved[1]), None]
     b1, b2, b3, s = saved[:4].unbind(0)
-    w = list(saved[4:].unbind(0))
     g = _rows_into(grad.new_empty(9, s.shape[0]), grad)
-    v = []
-    for i, j in ((2, 1), (0, 2), (1, 0)):  # (WᵀW̄)ᵢⱼ - (WᵀW̄)ⱼᵢ
-        entry = w[i] * g[j]
-        entry.addcmul_(w[j], g[i], value=-1.0)
-        for r in (3, 6):
-            entry.addcmul_(w[r + i], g[r + j]).addcmul_(w[r + j], g[r + i], value=-1.0)
-        v.append(entry)
-    v1, v2, v3 = v
+    v1, v2, v3 = transposed_product_axis(saved[4:].unbind(0), g)
     # ā = s (v + [b]ₓ v), in operations on vectors (torch.linalg.cross along the rows of a
     # (3, B) tensor takes twice as long)
     a1 = (b2 * v3).addcmul_(b3, v2, value=-1.0).add_(v1).mul_(s)

@@ -133,6 +133,23 @@ def _matmul_into(
     return out
 
 
+def transposed_product_axis(W: Sequence[Tensor], G: Sequence[Tensor]) -> list[Tensor]:
+    """The axial vector of the skew part of ``Wᵀ G`` for 3 x 3 ``W``, ``G`` given by their
+    entries (row by row): ``((WᵀG)₂₁ - (WᵀG)₁₂, (WᵀG)₀₂ - (WᵀG)₂₀, (WᵀG)₁₀ - (WᵀG)₀₁)``, in
+    18 multiply-adds of vectors. With ``W = base Q``, ``Q`` orthogonal, ``dW = W (Qᵀ dQ)``
+    and ``Qᵀ dQ = [ω]ₓ`` skew, so ``⟨G, dW⟩ = ω · transposed_product_axis(W, G)``: the
+    gradient of a map onto SO(3) or O(3) without the base (Note [The Cayley map of a lower
+    triangle, with its base point] in _lower_cayley.py)."""
+    axis = []
+    for i, j in ((2, 1), (0, 2), (1, 0)):
+        entry = W[i] * G[j]
+        entry.addcmul_(W[j], G[i], value=-1.0)
+        for r in (3, 6):
+            entry.addcmul_(W[r + i], G[r + j]).addcmul_(W[r + j], G[r + i], value=-1.0)
+        axis.append(entry)
+    return axis
+
+
 def _matrix(entries: Sequence[Tensor | None], like: Tensor) -> Tensor:
     """The ``(*, n, n)`` matrices of the shape of ``like`` from their entries, row by row
     (``None`` for zero)."""
