@@ -85,7 +85,13 @@ def test_forward_and_backward_read_no_value(orthogonal_map, shape, mode):
 
 @pytest.mark.parametrize(
     ("helper", "orthogonal_map"),
-    [("orthogonal", "cayley"), ("special_orthogonal", "cayley"), ("orthogonal", "householder")],
+    [
+        ("orthogonal", "cayley"),
+        ("special_orthogonal", "cayley"),
+        ("orthogonal", "householder"),
+        ("orthogonal", "matrix_exp"),
+        ("special_orthogonal", "matrix_exp"),
+    ],
 )
 def test_a_kernel_follows_every_write_of_its_base(helper, orthogonal_map):
     # The 3 x 3 closed forms keep the base's entries between reads (Note [The entries of a

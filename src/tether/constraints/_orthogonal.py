@@ -28,6 +28,7 @@ from tether.constraints._tall_orthogonal import (
 from tether.functional import cayley, householder, orthonormalize, skew_matrix_exp
 from tether.functional._base_householder import base_householder
 from tether.functional._lower_cayley import lower_cayley
+from tether.functional._lower_exp import lower_exp, takes_lower_exp
 from tether.functional._precision import compute_dtype, upcast
 from tether.functional._small_matrices import base_product
 
@@ -94,6 +95,8 @@ def _exp_map(rotate: bool, X: Tensor, base: Tensor | None = None) -> Tensor:
     the constraint holding it pickles (a closure cannot be pickled by reference).
     """
     n, k = X.shape[-2], X.shape[-1]
+    if rotate and takes_lower_exp(X):  # convolution kernels: closed forms, base inside
+        return lower_exp(X, base)
     if is_thin(n, k):
         Q = exp_columns(*_blocks(X, rotate))
     else:

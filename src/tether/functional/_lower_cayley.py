@@ -274,25 +274,25 @@ def _rotation_cayley_gradient(grad: Tensor, W: Tensor, saved: Tensor) -> list[Te
     return [None, None, None, a3, None, None, a2.neg_(), a1, None]
 
 
-def _rotation_product(X: Tensor, base: Tensor | None, Q: list[Tensor], saved: Tensor) -> Tensor:
+def rotation_product(X: Tensor, base: Tensor | None, Q: list[Tensor], rows: Tensor) -> Tensor:
     """``W = base Q`` (``Q`` without a base) as ``(*, 3, 3)`` matrices from the entries of
-    ``Q``, each entry of W summed in its row of ``saved`` (from the fifth on), then copied
-    into its strided place in W (fresh memory for each would cost page faults)."""
+    ``Q``, each entry of W summed in its row of ``rows`` (``(9, B)``, kept for the backward),
+    then copied into its strided place in W (fresh memory for each would cost page faults)."""
     if torch.compiler.is_compiling():  # Dynamo rejects writes into rows and columns
         entries = Q if base is None else _entry_matmul(_entries(base.expand_as(X)), Q, 3)
-        saved.copy_(torch.cat([saved[:4], torch.stack(entries)]))
+        rows.copy_(torch.stack(entries))
         return _matrix(entries, X)
-    rows = saved[4:].unbind(0)
+    W_rows = rows.unbind(0)
     if base is None:
-        for row, entry in zip(rows, Q, strict=True):
+        for row, entry in zip(W_rows, Q, strict=True):
             row.copy_(entry)
     else:
         P = base_rows(base, X).unbind(0)
         for i in range(3):
             for j in range(3):
-                row = torch.mul(P[3 * i], Q[j], out=rows[3 * i + j])
+                row = torch.mul(P[3 * i], Q[j], out=W_rows[3 * i + j])
                 row.addcmul_(P[3 * i + 1], Q[3 + j]).addcmul_(P[3 * i + 2], Q[6 + j])
-    return _matrix(rows, X)
+    return _matrix(W_rows, X)
 
 
 class _RotationCayley(torch.autograd.Function):
@@ -305,7 +305,7 @@ class _RotationCayley(torch.autograd.Function):
         saved = X.new_empty(_saved_rows(n), math.prod(X.shape[:-2]))
         Q = _rotation_cayley(X, saved)
         if n == 3:
-            return _rotation_product(X, base, Q, saved), saved
+            return rotation_product(X, base, Q, saved[4:]), saved
         if base is None:
             return _matrix(Q, X), saved
         return _matmul_into(torch.empty_like(X), _entries(base.expand_as(X)), Q, n), saved
