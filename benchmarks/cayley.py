@@ -19,6 +19,7 @@ Errors are ``max |WᵀW - I|`` (for training, after the timed steps). Never a pa
 
     python benchmarks/cayley.py            # n = 64, 256, 1024 (a few minutes)
     python benchmarks/cayley.py --quick    # shorter runs, smaller sizes
+    python benchmarks/cayley.py --device cuda    # on a GPU
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ Row = dict[str, Any]
 
 def _error(W: torch.Tensor) -> float:
     W = W.detach().double().flatten(0, -3) if W.dim() > 2 else W.detach().double()
-    eye = torch.eye(W.shape[-1], dtype=W.dtype)
+    eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
     return (W.mT @ W - eye).abs().max().item()
 
 
@@ -72,7 +73,7 @@ def _map_step(f: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor, cotang
 
 
 def _torch_cayley(A: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(A.shape[-1], dtype=A.dtype)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     return torch.linalg.solve(eye - A / 2, eye + A / 2)
 
 
@@ -81,16 +82,18 @@ def _torch_householder(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.householder_product(A, 2.0 / (1.0 + (A * A).sum(dim=-2)))
 
 
-def map_rows(sizes: Sequence[int], quick: bool) -> list[Row]:
+def map_rows(sizes: Sequence[int], quick: bool, device: str = "cpu") -> list[Row]:
     """Table 1: the orthogonal layer and the map alone, torch against tether."""
     rows = []
     generator = torch.Generator().manual_seed(0)
     for n in sizes:
         original = torch.randn(n, n, generator=generator) / math.sqrt(n)
-        cotangent = torch.randn(n, n, generator=generator)
+        cotangent = torch.randn(n, n, generator=generator).to(device)
         L = original.tril()
-        A = L - L.mT
-        layers = {lib: orthogonal_layer(lib, "cayley", original) for lib in ("torch", "tether")}
+        A = (L - L.mT).to(device)
+        layers = {
+            lib: orthogonal_layer(lib, "cayley", original).to(device) for lib in ("torch", "tether")
+        }
         seconds = (0.3 if quick else 2.0) * (3.0 if n >= 1024 else 1.0)
         row: Row = {"section": "map", "n": n}
         candidates = {lib: weight_step(layer, cotangent) for lib, layer in layers.items()}
@@ -123,26 +126,32 @@ def _training_step(
     return step
 
 
-def training_rows(sizes: Sequence[int], quick: bool) -> list[Row]:
+def training_rows(sizes: Sequence[int], quick: bool, device: str = "cpu") -> list[Row]:
     """Table 2: one training step, each of tether's maps and torch's Cayley with Adam, POGO."""
     rows = []
     generator = torch.Generator().manual_seed(1)
     for n in sizes:
-        x = torch.randn(BATCH, n, generator=generator)
-        y = torch.randn(BATCH, n, generator=generator)
+        x = torch.randn(BATCH, n, generator=generator).to(device)
+        y = torch.randn(BATCH, n, generator=generator).to(device)
         models: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
-        theirs = parametrizations.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map="cayley")
+        theirs = parametrizations.orthogonal(
+            nn.Linear(n, n, bias=False, device=device), orthogonal_map="cayley"
+        )
         models["torch cayley"] = (theirs, torch.optim.Adam(theirs.parameters(), lr=LR))
         for orthogonal_map in TETHER_MAPS:
-            ours = tether.orthogonal(nn.Linear(n, n, bias=False), orthogonal_map=orthogonal_map)
+            ours = tether.orthogonal(
+                nn.Linear(n, n, bias=False, device=device), orthogonal_map=orthogonal_map
+            )
             models[f"tether {orthogonal_map}"] = (ours, torch.optim.Adam(ours.parameters(), lr=LR))
         # Without the base point the map is 2 M⁻¹ - I: one product fewer each way.
         ours = tether.orthogonal(
-            nn.Linear(n, n, bias=False), orthogonal_map="cayley", use_trivialization=False
+            nn.Linear(n, n, bias=False, device=device),
+            orthogonal_map="cayley",
+            use_trivialization=False,
         )
         models["tether cayley, no base"] = (ours, torch.optim.Adam(ours.parameters(), lr=LR))
         if POGO is not None:
-            plain = nn.Linear(n, n, bias=False)
+            plain = nn.Linear(n, n, bias=False, device=device)
             nn.init.orthogonal_(plain.weight)
             pogo = POGO(
                 [plain.weight],
@@ -171,14 +180,14 @@ def training_rows(sizes: Sequence[int], quick: bool) -> list[Row]:
     return rows
 
 
-def conv_rows(quick: bool) -> list[Row]:
+def conv_rows(quick: bool, device: str = "cpu") -> list[Row]:
     """Table 3: convolution kernels, a batch of small matrices, layer and map."""
     rows = []
     generator = torch.Generator().manual_seed(2)
     for k in (2, 3):
         shape = (256, 256, k, k)
-        cotangent = torch.randn(shape, generator=generator)
-        X = torch.randn(shape, generator=generator) / math.sqrt(k)
+        cotangent = torch.randn(shape, generator=generator).to(device)
+        X = (torch.randn(shape, generator=generator) / math.sqrt(k)).to(device)
         L = X.tril()
         A = L - L.mT
         for label in ("cayley", "cayley, SO(n)", "householder"):
@@ -186,7 +195,7 @@ def conv_rows(quick: bool) -> list[Row]:
             ours = tether.special_orthogonal if "SO" in label else tether.orthogonal
             layers = {}
             for lib in ("torch", "tether"):
-                conv = nn.Conv2d(256, 256, k, bias=False)
+                conv = nn.Conv2d(256, 256, k, bias=False, device=device)
                 register = ours if lib == "tether" else parametrizations.orthogonal
                 layers[lib] = register(conv, orthogonal_map=orthogonal_map)
             if orthogonal_map == "cayley":
@@ -209,12 +218,12 @@ def conv_rows(quick: bool) -> list[Row]:
     return rows
 
 
-def rows(quick: bool) -> list[Row]:
+def rows(quick: bool, device: str = "cpu") -> list[Row]:
     """The rows of the three tables; ``section`` says which (``map``, ``training``, ``conv``)."""
     return [
-        *map_rows(QUICK_SIZES if quick else SIZES, quick),
-        *training_rows(QUICK_TRAINING_SIZES if quick else TRAINING_SIZES, quick),
-        *conv_rows(quick),
+        *map_rows(QUICK_SIZES if quick else SIZES, quick, device),
+        *training_rows(QUICK_TRAINING_SIZES if quick else TRAINING_SIZES, quick, device),
+        *conv_rows(quick, device),
     ]
 
 
@@ -333,20 +342,21 @@ def _training_targets(training: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = False) -> str:
-    """Both at once, for ``benchmarks/run.py``."""
-    return table(rows(quick))
+def run(quick: bool = False, device: str = "cpu") -> str:
+    """The three tables at once, for ``benchmarks/run.py``."""
+    return table(rows(quick, device))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller sizes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(header())
     print()
-    print(run(args.quick))
+    print(run(args.quick, args.device))
 
 
 if __name__ == "__main__":

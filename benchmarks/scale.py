@@ -13,6 +13,7 @@ One section of ``benchmarks/run.py`` gathering three tables, each from its own s
 
     python benchmarks/scale.py            # the full tables (several minutes)
     python benchmarks/scale.py --quick    # smaller sizes
+    python benchmarks/scale.py --device cuda    # the same tables on a GPU
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from _timing import header
 PARTS = ("tall", "skew_exp", "cayley")
 
 
-def run(quick: bool = False) -> str:
+def run(quick: bool = False, device: str = "cpu") -> str:
     """The tables of the scale section, in markdown; a part whose script is absent is skipped."""
     sections = ["### Scale"]
     for part in PARTS:
@@ -36,19 +37,20 @@ def run(quick: bool = False) -> str:
             if error.name != part:
                 raise
             continue
-        sections.append(module.table(module.rows(quick)))
+        sections.append(module.table(module.rows(quick, device)))
     return "\n\n".join(sections)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(header())
     print()
-    print(run(args.quick))
+    print(run(args.quick, args.device))
 
 
 if __name__ == "__main__":

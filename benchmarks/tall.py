@@ -18,6 +18,7 @@ PyTorch), not the absolute times.
 
     python benchmarks/tall.py            # n = 1000, 4000, 16000, 32000 (PSD: 500 to 4000)
     python benchmarks/tall.py --quick    # n = 1000, 4000 (PSD: 500, 1000)
+    python benchmarks/tall.py --device cuda    # on a GPU (peak from the CUDA allocator)
 """
 
 from __future__ import annotations
@@ -64,21 +65,21 @@ DENSE_MAX_ROWS = 2000
 Row = dict[str, object]
 
 
-def _step(library: str, n: int) -> Callable[[], None]:
+def _step(library: str, n: int, device: str = "cpu") -> Callable[[], None]:
     register = tether.orthogonal if library == "tether" else parametrizations.orthogonal
 
     def step() -> None:
-        layer = register(nn.Linear(K, n, bias=False))
+        layer = register(nn.Linear(K, n, bias=False, device=device))
         layer.weight.sum().backward()
 
     return step
 
 
-def _helper_step(helper: str, n: int) -> Callable[[], None]:
+def _helper_step(helper: str, n: int, device: str = "cpu") -> Callable[[], None]:
     register = HELPERS[helper]
 
     def step() -> None:
-        layer = register(nn.Linear(K, n, bias=False))
+        layer = register(nn.Linear(K, n, bias=False, device=device))
         layer.weight.sum().backward()
 
     return step
@@ -94,9 +95,9 @@ def _dense_eigh() -> Iterator[None]:
         yield
 
 
-def _psd_step(n: int, dense: bool) -> Callable[[], None]:
+def _psd_step(n: int, dense: bool, device: str = "cpu") -> Callable[[], None]:
     generator = torch.Generator().manual_seed(n)
-    B = torch.randn(n, K, generator=generator) / math.sqrt(n)
+    B = (torch.randn(n, K, generator=generator) / math.sqrt(n)).to(device)
     member = B @ B.T
 
     def step() -> None:
@@ -112,14 +113,22 @@ def _psd_step(n: int, dense: bool) -> Callable[[], None]:
     return step
 
 
-def _peak_mib(step: Callable[[], None]) -> float:
-    """The most memory held at once during ``step``, in MiB, from the profiler's events.
+def _peak_mib(step: Callable[[], None], device: str = "cpu") -> float:
+    """The most memory held at once during ``step``, in MiB, from the profiler's events (on
+    CUDA, from the allocator's peak beyond what was held before).
 
     Everything the step holds it allocates itself (a fresh layer), so the running sum of the
     allocation (positive) and free (negative) events within the profile is what it holds.
     The profiler now and then returns a profile without memory events (seen once in a full
     run), so the step is profiled twice and the larger peak kept.
     """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - held) / 2**20
     peak = 0
     for _ in range(2):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -133,7 +142,7 @@ def _peak_mib(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def rows(quick: bool) -> list[Row]:
+def rows(quick: bool, device: str = "cpu") -> list[Row]:
     """One row per ``n``: each library's median seconds and peak MiB, and two paired ratios.
 
     Every step of every size takes its turn in the same rounds, so that load from other
@@ -145,15 +154,17 @@ def rows(quick: bool) -> list[Row]:
     sizes = QUICK_SIZES if quick else SIZES
     psd_sizes = PSD_QUICK_SIZES if quick else PSD_SIZES
     steps = {
-        (library, n): _step(library, n)
+        (library, n): _step(library, n, device)
         for n in sizes
         for library in ("tether", "torch")
         if library == "tether" or n <= TORCH_MAX_ROWS
     }
-    steps.update({(helper, n): _helper_step(helper, n) for helper in HELPERS for n in sizes})
-    steps.update({("psd_low_rank", n): _psd_step(n, dense=False) for n in psd_sizes})
     steps.update(
-        {("psd_dense", n): _psd_step(n, dense=True) for n in psd_sizes if n <= DENSE_MAX_ROWS}
+        {(helper, n): _helper_step(helper, n, device) for helper in HELPERS for n in sizes}
+    )
+    steps.update({("psd_low_rank", n): _psd_step(n, False, device) for n in psd_sizes})
+    steps.update(
+        {("psd_dense", n): _psd_step(n, True, device) for n in psd_sizes if n <= DENSE_MAX_ROWS}
     )
     for step in steps.values():
         step()  # warm up
@@ -174,8 +185,8 @@ def rows(quick: bool) -> list[Row]:
                 "torch_seconds": None if theirs is None else median(theirs),
                 "torch_over_tether": None if theirs is None else paired_ratio(theirs, ours),
                 "growth": None if reference is None else paired_ratio(ours, reference),
-                "tether_peak_mib": _peak_mib(steps[("tether", n)]),
-                "torch_peak_mib": None if torch_step is None else _peak_mib(torch_step),
+                "tether_peak_mib": _peak_mib(steps[("tether", n)], device),
+                "torch_peak_mib": None if torch_step is None else _peak_mib(torch_step, device),
             }
         )
     for helper, helper_sizes, reference_rows in (
@@ -192,7 +203,7 @@ def rows(quick: bool) -> list[Row]:
                     "n": n,
                     "k": K,
                     "seconds": median(ours),
-                    "peak_mib": _peak_mib(steps[(helper, n)]),
+                    "peak_mib": _peak_mib(steps[(helper, n)], device),
                     "growth": None if reference is None else paired_ratio(ours, reference),
                     "reference_rows": reference_rows,
                     "dense_over_ours": None if dense is None else paired_ratio(dense, ours),
@@ -284,13 +295,14 @@ def _orthogonal_table(result: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="n = 1000, 4000 only")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     arguments = parser.parse_args()
     # One thread, as the other benchmarks: on a shared machine, threads that wait for each
     # other's time slices make the larger sizes look slower than they are.
     torch.set_num_threads(1)
     print(header())
     print()
-    print(table(rows(arguments.quick)))
+    print(table(rows(arguments.quick, arguments.device)))
 
 
 if __name__ == "__main__":
