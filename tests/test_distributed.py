@@ -195,6 +195,25 @@ def test_compiled_ddp_trains_like_eager_ddp(ddp_results):
         torch.testing.assert_close(compiled["weights"], eager["weights"], rtol=0, atol=1e-10)
 
 
+def _kernels_synced_by_ddp(rank: int, folder: str) -> dict[str, Tensor]:
+    # Each process builds its own kernels (its own base points) and reads them once, which
+    # keeps each base's entries in rows (Note [The entries of a base point, kept]); DDP then
+    # copies process 0's state in place, and every read after it must see process 0's bases.
+    results = {}
+    for orthogonal_map in ("cayley", "householder", "matrix_exp"):
+        torch.manual_seed(rank)
+        conv = tether.orthogonal(nn.Conv2d(32, 32, 3).double(), orthogonal_map=orthogonal_map)
+        conv.weight  # noqa: B018 (a read before the wrap)
+        DistributedDataParallel(conv)
+        results[orthogonal_map] = conv.weight.detach().clone()
+    return results
+
+
+def test_ddp_broadcast_reaches_kernels_whose_base_entries_were_kept(spawn):
+    first, second = spawn(_kernels_synced_by_ddp)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 # --- FSDP2: fully_shard -----------------------------------------------------------------------
 
 
