@@ -20,9 +20,11 @@ from tether.functional._small_matrices import (
     _reduce,
     _rows_into,
     _vmap_rule,
+    angle_gradient,
     base_rows,
     batch_first,
     batch_last,
+    composite_vjp,
     small_matmul,
     transposed_product_axis,
 )
@@ -162,7 +164,7 @@ class _LowerCayley(torch.autograd.Function):
             return None, None
         X, base, W, M_inv = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _composite_vjp(X, base, grad)
+            return composite_vjp(_lower_cayley_autograd, X, base, grad)
         batch = tuple(X.shape[:-2])
         if _path(X) == "small":
             G = batch_last(grad)
@@ -205,14 +207,6 @@ def _lower_cayley_jvp(
     if base_dot is not None:
         W_dot = W_dot + 2 * (base_dot @ M_inv) - base_dot
     return W_dot
-
-
-def _composite_vjp(X: Tensor, base: Tensor | None, grad: Tensor) -> tuple[Tensor | None, ...]:
-    """The vjp of :func:`_lower_cayley_autograd`: a gradient that can be differentiated again."""
-    if base is None:
-        return torch.func.vjp(lambda X: _lower_cayley_autograd(X, None), X)[1](grad)[0], None
-    X_bar, base_bar = torch.func.vjp(_lower_cayley_autograd, X, base)[1](grad)
-    return X_bar, base_bar
 
 
 def _rotation_cayley(X: Tensor, saved: Tensor) -> list[Tensor]:
@@ -259,10 +253,8 @@ def _saved_rows(n: int) -> int:
 def _rotation_cayley_gradient(grad: Tensor, W: Tensor, saved: Tensor) -> list[Tensor | None]:
     """The entries of ``X̄`` (Note [The Cayley map of a lower triangle, with its base point]);
     ``None`` for zero."""
-    if W.shape[-1] == 2:
-        g, w = _entries(grad), _entries(W)
-        theta_bar = (g[0] * w[1]).addcmul_(g[2], w[3]).sub_(g[1] * w[0]).sub_(g[3] * w[2])
-        return [None, None, theta_bar.mul_(saved[1]), None]
+    if W.shape[-1] == 2:  # θ = 2 atan(a/2): dθ/da = s
+        return [None, None, angle_gradient(grad, W).mul_(saved[1]), None]
     b1, b2, b3, s = saved[:4].unbind(0)
     g = _rows_into(grad.new_empty(9, s.shape[0]), grad)
     v1, v2, v3 = transposed_product_axis(saved[4:].unbind(0), g)
@@ -330,7 +322,7 @@ class _RotationCayley(torch.autograd.Function):
             return None, None
         X, base, W, saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _composite_vjp(X, base, grad)
+            return composite_vjp(_lower_cayley_autograd, X, base, grad)
         X_bar = _matrix(_rotation_cayley_gradient(grad, W, saved), X)
         base_bar = None
         if base is not None and ctx.needs_input_grad[1]:

@@ -25,6 +25,8 @@ from tether.functional._small_matrices import (
     _reduce,
     _rows_into,
     _vmap_rule,
+    angle_gradient,
+    composite_vjp,
     transposed_product_axis,
 )
 from tether.functional._traceable import traceable
@@ -127,13 +129,6 @@ def _rodrigues_gradient(grad: Tensor, saved: Tensor) -> list[Tensor | None]:
     return [None, None, None, a_bar[2], None, None, a_bar[1].neg_(), a_bar[0], None]
 
 
-def _rotation_gradient(grad: Tensor, W: Tensor) -> list[Tensor | None]:
-    """The entries of ``X̄`` for ``n = 2``: ``X̄₁₀ = ⟨W̄, W J⟩``."""
-    g, w = _entries(grad), _entries(W)
-    phi_bar = (g[0] * w[1]).addcmul_(g[2], w[3]).sub_(g[1] * w[0]).sub_(g[3] * w[2])
-    return [None, None, phi_bar, None]
-
-
 def _exponential(X: Tensor) -> Tensor:
     """``exp(tril(X) - tril(X)ᵀ)`` as matrices."""
     L = X.tril()
@@ -180,14 +175,11 @@ class _LowerExp(torch.autograd.Function):
             return None, None
         X, base, W, saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # a gradient to be differentiated again
-            if base is None:
-                vjp = torch.func.vjp(lambda X: _lower_exp_autograd(X, None), X)[1]
-                return vjp(grad)[0], None
-            return torch.func.vjp(_lower_exp_autograd, X, base)[1](grad)
+            return composite_vjp(_lower_exp_autograd, X, base, grad)
         if X.shape[-1] == 3:
             X_bar = _matrix(_rodrigues_gradient(grad, saved), X)
         else:
-            X_bar = _matrix(_rotation_gradient(grad, W), X)
+            X_bar = _matrix([None, None, angle_gradient(grad, W), None], X)
         base_bar = None
         if base is not None and ctx.needs_input_grad[1]:
             base_bar = _reduce(grad @ _exponential(X).mT, base)

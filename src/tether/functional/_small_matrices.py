@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -172,6 +172,28 @@ def _reduce(base_bar: Tensor | None, base: Tensor | None) -> Tensor | None:
     if base_bar is None or base is None or base_bar.shape == base.shape:
         return base_bar
     return base_bar.sum_to_size(base.shape)
+
+
+def composite_vjp(
+    composite: Callable[[Tensor, Tensor | None], Tensor],
+    X: Tensor,
+    base: Tensor | None,
+    grad: Tensor,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The vjp of ``composite(X, base)``, a map written in differentiable operations: the
+    gradient of a fused Function where it must be differentiated again (create_graph=True,
+    torch.func transforms)."""
+    if base is None:
+        return torch.func.vjp(lambda X: composite(X, None), X)[1](grad)[0], None
+    X_bar, base_bar = torch.func.vjp(composite, X, base)[1](grad)
+    return X_bar, base_bar
+
+
+def angle_gradient(grad: Tensor, W: Tensor) -> Tensor:
+    """``⟨W̄, W J⟩`` for 2 x 2 ``W = base R(φ)`` and ``J = [[0, -1], [1, 0]]``: the gradient of
+    the rotation angle φ, one vector over the batch (``dW = W J dφ``)."""
+    g, w = _entries(grad), _entries(W)
+    return (g[0] * w[1]).addcmul_(g[2], w[3]).sub_(g[1] * w[0]).sub_(g[3] * w[2])
 
 
 def _vmap_rule(
